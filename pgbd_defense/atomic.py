@@ -1,0 +1,38 @@
+"""Writes that a kill cannot tear: write a temporary file beside the target, then
+rename it over the target (an atomic step on POSIX file systems)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+@contextmanager
+def atomic_path(target) -> Iterator[Path]:
+    """Yield a temporary path; on success it replaces ``target``, on error it is removed."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_text(target, text: str) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_torch_save(obj, target) -> None:
+    with atomic_path(target) as tmp:
+        torch.save(obj, tmp)

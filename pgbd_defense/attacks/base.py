@@ -1,0 +1,66 @@
+"""What every attack shares: label modes, choosing the samples to poison, and
+building the poisoned train and test splits as :class:`BackdoorSet`s."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..data import ImageSet
+from ..records import BackdoorSet
+from ..registry import Registry
+
+ATTACKS: Registry = Registry("attack")
+LABEL_MODES = ("all2one", "all2all")
+
+
+def label_mapping(num_classes: int, mode: str, target: int) -> torch.Tensor:
+    """Attack label of each class: all2one sends every class to ``target``,
+    all2all sends class y to (y + 1) mod k."""
+    if mode == "all2one":
+        if not 0 <= target < num_classes:
+            raise ValueError(f"target label {target} is out of range for {num_classes} classes (0..{num_classes - 1})")
+        return torch.full((num_classes,), target, dtype=torch.int64)
+    if mode == "all2all":
+        return (torch.arange(num_classes) + 1) % num_classes
+    raise ValueError(f"unknown label mode {mode!r}; choose one of {LABEL_MODES}")
+
+
+@dataclass
+class Attack:
+    """Base of the data-poisoning attacks: subclasses implement :meth:`apply_trigger`."""
+
+    num_classes: int
+    target: int = 0
+    ratio: float = 0.1
+    mode: str = "all2one"
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.ratio <= 1:
+            raise ValueError(f"poisoning ratio must lie in (0, 1], got {self.ratio}")
+        self.mapping = label_mapping(self.num_classes, self.mode, self.target)
+
+    def apply_trigger(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, C, H, W) clean images -> the same images carrying the trigger."""
+        raise NotImplementedError
+
+    def poison_train(self, clean: ImageSet) -> BackdoorSet:
+        """The whole training split with ``ratio`` of it (drawn with ``seed``) triggered and relabelled."""
+        n = len(clean)
+        gen = torch.Generator().manual_seed(self.seed)
+        chosen = torch.randperm(n, generator=gen)[: int(round(self.ratio * n))]
+        indicator = torch.zeros(n, dtype=torch.int64)
+        indicator[chosen] = 1
+        images = clean.images.clone()
+        labels = clean.labels.clone()
+        images[chosen] = self.apply_trigger(clean.images[chosen])
+        labels[chosen] = self.mapping[clean.labels[chosen]]
+        return BackdoorSet(images, labels, torch.arange(n), indicator, clean.labels.clone())
+
+    def poison_test(self, clean: ImageSet) -> BackdoorSet:
+        """Every test sample whose attack label differs from its true label, triggered."""
+        keep = (self.mapping[clean.labels] != clean.labels).nonzero().flatten()
+        return BackdoorSet(self.apply_trigger(clean.images[keep]), self.mapping[clean.labels[keep]], keep,
+                           torch.ones(len(keep), dtype=torch.int64), clean.labels[keep].clone())

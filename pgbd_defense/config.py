@@ -1,0 +1,117 @@
+"""Settings: a preset gives every default, a YAML file (``--config``) overrides it,
+and explicit command-line flags override both. The final settings are saved
+beside the results. Keys follow BackdoorBench's YAML names where it has one
+(``lr``, ``epochs``, ``batch_size``, ``ratio``, ``wd``, ``sgd_momentum``,
+``random_seed``, ``index``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import yaml
+
+# Attack side (how the standalone path makes its backdoored model) and defense side.
+COMMON = {
+    "attack": "badnet",
+    "dataset": "fashion-mnist",
+    "model": "preactresnet18",
+    "pratio": 0.1,
+    "attack_target": 0,
+    "attack_label_trans": "all2one",
+    "attack_lr": 0.01,
+    "attack_batch_size": 128,
+    "attack_train_subset": 0,
+    "ratio": 0.05,
+    "index": None,
+    "layer": None,
+    "clusters": 3,
+    "sgd_momentum": 0.9,
+    "wd": 1e-4,
+    "freeze_bn": True,
+    "augment": True,
+    "alpha": 0.75,
+    "target": "record",
+    "random_seed": 0,
+    "eval_every": 1,
+}
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # The paper's settings (Sec. 5 and the authors' release): for a GPU.
+    "paper": {
+        **COMMON,
+        "width": 1.0,
+        "attack_epochs": 100,
+        "lr": 1e-4,
+        "epochs": 35,
+        "batch_size": 16,
+        "lambda": 10.0,
+        "loss_form": "cos",
+        "reduction": "sum",
+        "update_gap": 5,
+    },
+    # Finishes end to end (attack + defense) in under 10 minutes on a 2-core CPU.
+    # Chosen from measurements on Fashion-MNIST BadNets: see docs/effectiveness.md.
+    "cpu": {
+        **COMMON,
+        "width": 0.125,
+        "attack_epochs": 3,
+        "attack_lr": 0.05,
+        "lr": 1e-2,
+        "epochs": 10,
+        "batch_size": 16,
+        "lambda": 1.0,
+        "loss_form": "cos",
+        "reduction": "mean",
+        "update_gap": 0,
+    },
+}
+DEFAULT_PRESET = "cpu"
+
+
+class ConfigError(ValueError):
+    """A config file or value that cannot be used; names the key and what is expected."""
+
+
+def read_yaml(path: Optional[str]) -> Dict[str, Any]:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p} is not valid YAML: {e}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p} must hold a mapping of keys to values, not a {type(loaded).__name__}")
+    return loaded
+
+
+def merge(preset: str, yaml_values: Dict[str, Any], cli_values: Dict[str, Any]) -> Dict[str, Any]:
+    """preset <- YAML <- explicit command-line values; unknown YAML keys are an error."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    base = dict(PRESETS[preset])
+    # YAML may also carry BackdoorBench's keys we do not use (amp, pin_memory, ...): keep them, unchecked.
+    passthrough = {"device", "amp", "pin_memory", "non_blocking", "prefetch", "checkpoint_load", "checkpoint_save",
+                   "log", "dataset_path", "num_workers", "lr_scheduler", "client_optimizer", "frequency_save",
+                   "yaml_path", "preset", "data_root"}
+    unknown = [k for k in yaml_values if k not in base and k not in passthrough]
+    if unknown:
+        raise ConfigError(f"unknown config keys {unknown}; valid keys: {', '.join(sorted(base))}")
+    for key, value in yaml_values.items():
+        if key in base and base[key] is not None and value is not None:
+            expected = type(base[key])
+            if expected is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+                try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+                    value = float(value)
+                except ValueError:
+                    raise ConfigError(f"config key {key!r} must be a number, got {value!r}") from None
+            if not isinstance(value, expected) or (expected is not bool and isinstance(value, bool)):
+                raise ConfigError(f"config key {key!r} must be {expected.__name__}, got {value!r}")
+        base[key] = value
+    base.update({k: v for k, v in cli_values.items() if v is not None})
+    return base

@@ -1,0 +1,91 @@
+"""PGBD's sanitization loss, computed from the ordinary batch forward pass.
+
+For a clean sample (x, c) with a PAV V_c, the prototype loss L_p = ||f(x) - P_c||^2
+has the activation gradient g = 2 (f(x) - P_c) in closed form, so
+L_s = cos(g, V_c) (form ``cos``, the paper) or |cos(g, V_c)| (``abs_cos``, the
+authors' release) is a differentiable function of the activations the batch
+forward pass already produced: no per-sample passes and no second-order autograd.
+With BatchNorm frozen (eval mode), a sample's activation does not depend on the
+rest of its batch, so this equals the per-sample computation exactly;
+:func:`per_sample_reference_loss` is that slow computation, kept for tests and
+the cost benchmark.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .prototypes import capture
+
+FORMS = ("cos", "abs_cos")
+REDUCTIONS = ("sum", "mean")
+
+
+def _check(form: str, reduction: str) -> None:
+    if form not in FORMS:
+        raise ValueError(f"unknown loss form {form!r}; choose one of {FORMS}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
+
+
+def _shaped(cos: torch.Tensor, form: str) -> torch.Tensor:
+    return cos.abs() if form == "abs_cos" else cos
+
+
+def sanitization_loss(acts: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor,
+                      pavs: torch.Tensor, active: torch.Tensor, form: str = "cos",
+                      reduction: str = "sum") -> torch.Tensor:
+    """L_s over a batch.
+
+    Args:
+        acts: (B, D) flattened layer activations, part of the autograd graph.
+        labels: (B,) true classes.
+        prototypes: (K, D) P_c, constants.
+        pavs: (K, D) V_c, constants.
+        active: (K,) bool, classes that get the term (not the target, PAV known).
+        form: ``cos`` or ``abs_cos``.
+        reduction: ``sum`` over the batch (the release) or ``mean`` (sum / B).
+    """
+    _check(form, reduction)
+    keep = active[labels]
+    if not keep.any():
+        return acts.sum() * 0.0
+    grad_lp = 2.0 * (acts[keep] - prototypes[labels[keep]])
+    per_sample = _shaped(F.cosine_similarity(grad_lp, pavs[labels[keep]], dim=1), form)
+    total = per_sample.sum()
+    return total / len(labels) if reduction == "mean" else total
+
+
+def pgbd_loss(logits: torch.Tensor, acts: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor,
+              pavs: torch.Tensor, active: torch.Tensor, lam: float, form: str = "cos",
+              reduction: str = "sum"):
+    """L = mean cross-entropy + lambda * L_s; returns (L, CE, L_s) for logging."""
+    ce = F.cross_entropy(logits, labels)
+    ls = sanitization_loss(acts, labels, prototypes, pavs, active, form, reduction)
+    return ce + lam * ls, ce.detach(), ls.detach()
+
+
+def per_sample_reference_loss(model: torch.nn.Module, layer: str, inputs: torch.Tensor, labels: torch.Tensor,
+                              prototypes: torch.Tensor, pavs: torch.Tensor, active: torch.Tensor, lam: float,
+                              form: str = "cos", reduction: str = "sum") -> torch.Tensor:
+    """The slow, literal computation: one forward pass per sample, g from autograd
+    with ``create_graph=True``, as the authors' release does. Same value as
+    :func:`pgbd_loss` when the model is in eval mode."""
+    _check(form, reduction)
+    ce_terms, ls_terms = [], []
+    with capture(model, layer) as store:
+        for i in range(len(labels)):
+            c = int(labels[i])
+            logits = model(inputs[i : i + 1])
+            ce_terms.append(F.cross_entropy(logits, labels[i : i + 1]))
+            if not bool(active[c]):
+                continue
+            act = store["out"]
+            lp = (act.flatten() - prototypes[c]).pow(2).sum()
+            (g,) = torch.autograd.grad(lp, act, create_graph=True)
+            ls_terms.append(_shaped(F.cosine_similarity(g.flatten(), pavs[c], dim=0), form))
+    ls = torch.stack(ls_terms).sum() if ls_terms else torch.zeros(())
+    if reduction == "mean":
+        ls = ls / len(labels)
+    return torch.stack(ce_terms).mean() + lam * ls

@@ -1,0 +1,76 @@
+"""Build an attack record: poison a clean data set, train a backdoored model on it,
+and write the record in BackdoorBench's format."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import data as data_mod
+from .attacks import ATTACKS
+from .batches import Normalizer
+from .metrics import evaluate
+from .models import build_model
+from .records import write_attack_record
+from .training import train_classifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AttackSettings:
+    """How the backdoored model is made (BackdoorBench defaults where CPU allows)."""
+
+    attack: str = "badnet"
+    dataset: str = "fashion-mnist"
+    model: str = "preactresnet18"
+    width: float = 1.0
+    pratio: float = 0.1
+    target: int = 0
+    label_mode: str = "all2one"
+    epochs: int = 2
+    lr: float = 0.01
+    batch_size: int = 128
+    train_subset: int = 0  # 0: the whole training split
+    seed: int = 0
+
+
+def record_name(s: AttackSettings) -> str:
+    """BackdoorBench-style folder name, e.g. ``badnet_0_1`` for ratio 0.1 (plus what differs)."""
+    ratio = f"{s.pratio:g}".replace(".", "_")
+    return f"{s.attack}_{ratio}_{s.dataset}_{s.model}_w{s.width:g}_{s.label_mode}_t{s.target}_e{s.epochs}_s{s.seed}"
+
+
+def build_attack_record(folder: Path, s: AttackSettings, data_root: Optional[str] = None,
+                        download: bool = False, device: str = "cpu", save_png: bool = True) -> dict:
+    """Train a backdoored model and write ``folder/attack_result.pt``; returns its test metrics."""
+    info = data_mod.dataset_info(s.dataset)
+    channels = info.size[2]
+    train = data_mod.load_split(s.dataset, data_root, train=True, download=download, channels=channels)
+    test = data_mod.load_split(s.dataset, data_root, train=False, download=download, channels=channels)
+    attack = ATTACKS.get(s.attack)(num_classes=info.num_classes, target=s.target, ratio=s.pratio,
+                                   mode=s.label_mode, seed=s.seed)
+    bd_train = attack.poison_train(train)
+    bd_test = attack.poison_test(test)
+    images, labels = bd_train.images, bd_train.labels
+    if s.train_subset and s.train_subset < len(labels):
+        # A CPU budget: train on a seeded subset of the poisoned split (same poisoning share).
+        keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(s.seed + 1))[: s.train_subset]
+        images, labels = images[keep], labels[keep]
+    torch.manual_seed(s.seed)
+    model = build_model(s.model, info.num_classes, channels, s.width)
+    normalize = Normalizer(info.mean, info.std, channels)
+    train_classifier(model, images, labels, normalize, s.epochs, lr=s.lr, batch_size=s.batch_size,
+                     hflip=info.hflip, seed=s.seed, device=device)
+    metrics = evaluate(model, test, bd_test, normalize, device=device)
+    log.info("backdoored model: CA %.4f ASR %.4f RA %.4f", metrics["test_acc"], metrics["test_asr"], metrics["test_ra"])
+    write_attack_record(folder, model=model, model_name=s.model, num_classes=info.num_classes,
+                        clean_data=s.dataset, data_path=str(data_root or ""), img_size=(*info.size[:2], channels),
+                        bd_train=bd_train, bd_test=bd_test, train_size=len(train), test_size=len(test),
+                        save_png=save_png, extra={"attack": s.attack, "attack_settings": vars(s).copy(),
+                                                  "attack_metrics": metrics})
+    return metrics

@@ -1,0 +1,19 @@
+"""Progress bars with labels (tqdm), silenced by PGBD_NO_PROGRESS=1 or when disabled globally."""
+
+from __future__ import annotations
+
+import os
+
+from tqdm.auto import tqdm
+
+_enabled = os.environ.get("PGBD_NO_PROGRESS", "") not in ("1", "true", "yes")
+
+
+def set_enabled(flag: bool) -> None:
+    global _enabled
+    _enabled = flag
+
+
+def progress(iterable, total=None, desc=None, leave=True):
+    return tqdm(iterable, total=total, desc=desc, leave=leave, disable=not _enabled or desc is None,
+                dynamic_ncols=True)

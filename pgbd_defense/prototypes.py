@@ -1,0 +1,162 @@
+"""Class prototypes and Prototype Activation Vectors (PAVs) in one layer's activation space.
+
+For class c, the activations f(x) (flattened output of the chosen layer, model in
+eval mode) of the clean samples of c are clustered with k-means (3 clusters);
+the prototype P_c is the mean of the centroids. The pure PAV of class c is
+V_c = P_t(c) - P_c, with t(c) the attack label of class c.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, List, Optional
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import KMeans
+
+from .batches import Normalizer, iterate
+
+log = logging.getLogger(__name__)
+
+
+class LayerNotFoundError(ValueError):
+    """A layer name the model does not have; the message lists the valid ones."""
+
+
+def find_layer(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    modules = dict(model.named_modules())
+    if name not in modules or name == "":
+        convs = [n for n, m in modules.items() if isinstance(m, torch.nn.Conv2d)]
+        raise LayerNotFoundError(
+            f"model has no layer {name!r}. Convolutions: {', '.join(convs)}. "
+            f"Other named modules: {', '.join(n for n in modules if n and n not in convs)}"
+        )
+    return modules[name]
+
+
+def last_conv_name(model: torch.nn.Module) -> str:
+    convs = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    if not convs:
+        raise LayerNotFoundError("model has no Conv2d layer; name the layer explicitly")
+    return convs[-1]
+
+
+@contextmanager
+def capture(model: torch.nn.Module, layer_name: str) -> Iterator[dict]:
+    """Record ``layer_name``'s output of every forward pass in ``store["out"]``;
+    the hook is removed on exit, whatever happens inside."""
+    store: dict = {}
+    handle = find_layer(model, layer_name).register_forward_hook(lambda m, i, o: store.__setitem__("out", o))
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def collect_activations(model: torch.nn.Module, layer_name: str, images: torch.Tensor,
+                        normalize: Normalizer, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
+    """Flattened activations (N x D) of ``layer_name`` for ``images``, model in eval mode."""
+    was_training = model.training
+    model.eval()
+    out: List[torch.Tensor] = []
+    dummy = torch.zeros(len(images), dtype=torch.int64)
+    with capture(model, layer_name) as store:
+        for x, _, _ in iterate(images, dummy, batch_size, normalize, device=device):
+            model(x)
+            out.append(store["out"].flatten(1).cpu())
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def kmeans_centroids(acts: torch.Tensor, n_clusters: int, seed: int) -> torch.Tensor:
+    """k-means centroids (k x D) of ``acts``; fewer clusters when there are fewer samples."""
+    k = min(n_clusters, len(acts))
+    if k < 1:
+        raise ValueError("no activations to cluster")
+    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(acts.double().numpy())
+    return torch.from_numpy(km.cluster_centers_).float()
+
+
+@dataclass
+class Prototypes:
+    """Per-class k-means centroids; ``None`` for a class with no clean sample."""
+
+    centroids: List[Optional[torch.Tensor]]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.centroids)
+
+    @property
+    def available(self) -> torch.Tensor:
+        return torch.tensor([c is not None for c in self.centroids])
+
+    def means(self) -> torch.Tensor:
+        """P (K x D): each class's prototype, the mean of its centroids (zeros where unavailable)."""
+        dim = next(c.shape[1] for c in self.centroids if c is not None)
+        return torch.stack([c.mean(0) if c is not None else torch.zeros(dim) for c in self.centroids])
+
+
+def estimate_prototypes(acts: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                        n_clusters: int = 3, seed: int = 0) -> Prototypes:
+    centroids: List[Optional[torch.Tensor]] = []
+    for c in range(num_classes):
+        a = acts[labels == c]
+        if len(a) == 0:
+            warnings.warn(f"class {c} has no clean sample: it gets no prototype and no sanitization term")
+            centroids.append(None)
+            continue
+        if len(a) < n_clusters:
+            warnings.warn(f"class {c} has {len(a)} clean samples, fewer than {n_clusters} clusters: "
+                          f"using {len(a)} cluster(s) for it")
+        centroids.append(kmeans_centroids(a, n_clusters, seed))
+    return Prototypes(centroids)
+
+
+def match_clusters(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """Permutation ``perm`` so that ``new[perm[i]]`` is the cluster of the new k-means
+    run closest to ``old[i]`` (a minimum-cost one-to-one assignment): k-means labels
+    its clusters arbitrarily, so blending by index would mix unrelated clusters."""
+    cost = torch.cdist(old.double(), new.double()).pow(2).numpy()
+    rows, cols = linear_sum_assignment(cost)
+    perm = np.empty(len(rows), dtype=np.int64)
+    perm[rows] = cols
+    return torch.from_numpy(perm)
+
+
+def blend(old: Prototypes, fresh: Prototypes, alpha: float) -> Prototypes:
+    """Moving average of centroids, matched cluster to cluster: alpha*fresh + (1-alpha)*old."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    out: List[Optional[torch.Tensor]] = []
+    for o, f in zip(old.centroids, fresh.centroids):
+        if o is None or f is None or o.shape != f.shape:
+            out.append(f if f is not None else o)
+            continue
+        out.append(alpha * f[match_clusters(o, f)] + (1 - alpha) * o)
+    return Prototypes(out)
+
+
+def pure_pavs(prototypes: torch.Tensor, targets: torch.Tensor, available: Optional[torch.Tensor] = None):
+    """PAVs V_c = P_t(c) - P_c (K x D) and the mask of classes that get a sanitization term.
+
+    ``targets[c]`` is the attack label of class c (all2one: the same t for every c;
+    all2all: c+1 mod K), or -1 where unknown. The target class itself, classes
+    without a target and classes lacking a prototype are masked out."""
+    k = prototypes.shape[0]
+    if targets.shape != (k,):
+        raise ValueError(f"targets must map each of the {k} classes to a label, got shape {tuple(targets.shape)}")
+    if available is None:
+        available = torch.ones(k, dtype=torch.bool)
+    valid_target = (targets >= 0) & (targets < k)
+    safe_t = targets.clamp(0, k - 1)
+    active = valid_target & (safe_t != torch.arange(k)) & available & available[safe_t]
+    pavs = prototypes[safe_t] - prototypes
+    pavs[~active] = 0.0
+    return pavs, active

@@ -1,0 +1,244 @@
+"""One command: make (or reuse) a backdoored model's record, defend it with PGBD,
+and write the defense folder BackdoorBench-style.
+
+    python -m pgbd_defense.run --attack badnet --dataset fashion-mnist
+    python -m pgbd_defense.run --record record/badnet_0_1 --data-root data/mnist
+    python -m pgbd_defense.run --preset paper --dataset cifar10 --data-root ~/data --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from . import __version__
+from . import data as data_mod
+from .attacks import ATTACKS
+from .attacks.base import label_mapping
+from .batches import Normalizer
+from .config import DEFAULT_PRESET, PRESETS, ConfigError, merge, read_yaml
+from .data import DataNotFoundError
+from .make_record import AttackSettings, build_attack_record, record_name
+from .metrics import dem, evaluate
+from .models import ModelMismatchError
+from .pgbd import NonFiniteLossError, PGBDConfig, pgbd_finetune
+from .prototypes import LayerNotFoundError, last_conv_name, find_layer
+from .records import AttackRecord, RecordError, load_attack_record, write_defense_result
+from .registry import UnknownNameError
+from .results import (ExistingResultError, log_file_path, prepare_defense_dir, read_index, write_epoch_tables,
+                      write_index, write_summary)
+from .safe_pickle import UnsafeRecordError
+
+log = logging.getLogger("pgbd_defense")
+
+USER_ERRORS = (ConfigError, DataNotFoundError, RecordError, UnsafeRecordError, ModelMismatchError,
+               LayerNotFoundError, UnknownNameError, ExistingResultError, NonFiniteLossError, ValueError,
+               FileNotFoundError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pgbd_defense.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to defend")
+    g.add_argument("--attack", help=f"attack that makes the record if absent ({', '.join(ATTACKS.names())})")
+    g.add_argument("--dataset", help=f"clean data set ({', '.join(data_mod.DATASETS.names())})")
+    g.add_argument("--model", help="zoo model name (preactresnet18, vgg19_bn, resnet50)")
+    g.add_argument("--width", type=float, help="channel multiplier of the model (cpu preset: 0.125)")
+    g.add_argument("--record", help="an existing record folder to defend (skips the attack)")
+    g.add_argument("--record-root", default="record", help="where new records go (default: ./record)")
+    g.add_argument("--data-root", help="folder holding the clean data set")
+    g.add_argument("--download", action="store_true", help="let torchvision download CIFAR into --data-root")
+    g.add_argument("--trust-record", action="store_true",
+                   help="load the record with full unpickling (it can run code: only for files you made)")
+    g = p.add_argument_group("attack (standalone path)")
+    g.add_argument("--pratio", type=float, help="poisoning ratio (default 0.1)")
+    g.add_argument("--attack-target", type=int, help="attack target label (default 0)")
+    g.add_argument("--attack-label-trans", choices=["all2one", "all2all"])
+    g.add_argument("--attack-epochs", type=int)
+    g = p.add_argument_group("PGBD")
+    g.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                   help=f"defaults to start from (default {DEFAULT_PRESET}; 'paper' = the paper's settings)")
+    g.add_argument("--config", help="YAML file of settings (BackdoorBench key names); flags override it")
+    g.add_argument("--target", help="attack label(s) to defend against: 'record' (read from the record's "
+                   "poisoned test set), a class index, or 'all2all'")
+    g.add_argument("--layer", help="named module whose activations PGBD manipulates (default: last conv)")
+    g.add_argument("--lambda", dest="lambda", type=float, help="weight of the sanitization loss")
+    g.add_argument("--loss-form", dest="loss_form", choices=["cos", "abs_cos"])
+    g.add_argument("--reduction", choices=["sum", "mean"])
+    g.add_argument("--clusters", type=int)
+    g.add_argument("--update-gap", dest="update_gap", type=int, help="re-estimate prototypes every N epochs (0: never)")
+    g.add_argument("--alpha", type=float, help="blend rate of re-estimated prototypes")
+    g.add_argument("--lr", type=float)
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", dest="batch_size", type=int)
+    g.add_argument("--ratio", type=float, help="share of the clean training split the defender holds (0.05)")
+    g.add_argument("--index", help="file of clean-subset indices (BackdoorBench's index.txt) instead of a draw")
+    g.add_argument("--seed", dest="random_seed", type=int)
+    g.add_argument("--eval-every", dest="eval_every", type=int, help="evaluate on the test sets every N epochs")
+    g = p.add_argument_group("run")
+    g.add_argument("--device", default="cpu")
+    g.add_argument("--defense-name", default="pgbd", help="folder name under <record>/defense/ (default pgbd)")
+    g.add_argument("--overwrite", action="store_true", help="replace results already in the defense folder")
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+CLI_KEYS = ["attack", "dataset", "model", "width", "pratio", "attack_target", "attack_label_trans", "attack_epochs",
+            "target", "layer", "lambda", "loss_form", "reduction", "clusters", "update_gap", "alpha", "lr", "epochs",
+            "batch_size", "ratio", "index", "random_seed", "eval_every"]
+
+
+def resolve_targets(spec: Any, record: AttackRecord) -> torch.Tensor:
+    """The attack label of each class, as PGBD needs it."""
+    k = record.num_classes
+    if spec in (None, "record"):
+        mapping = record.target_labels()
+        if (mapping < 0).all():
+            raise RecordError("the record's poisoned test set is empty: give the target with --target N")
+        return mapping
+    if spec == "all2all":
+        return label_mapping(k, "all2all", 0)
+    try:
+        t = int(spec)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--target must be 'record', 'all2all' or a class index, got {spec!r}") from None
+    return label_mapping(k, "all2one", t)
+
+
+def draw_clean_subset(n_train: int, ratio: float, seed: int) -> List[int]:
+    if not 0 < ratio <= 1:
+        raise ConfigError(f"ratio (clean share) must lie in (0, 1], got {ratio}")
+    gen = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n_train, generator=gen)[: max(1, int(round(ratio * n_train)))].tolist())
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.captureWarnings(True)
+
+
+def _fmt_table(before: Dict[str, float], after: Dict[str, float], dem_value: float) -> str:
+    lines = ["             CA      ASR     RA      DEM",
+             f"poisoned  {100 * before['test_acc']:6.2f}  {100 * before['test_asr']:6.2f}  "
+             f"{100 * before['test_ra']:6.2f}      -",
+             f"PGBD      {100 * after['test_acc']:6.2f}  {100 * after['test_asr']:6.2f}  "
+             f"{100 * after['test_ra']:6.2f}  {dem_value:.3f}"]
+    return "\n".join(lines)
+
+
+def obtain_record(cfg: Dict[str, Any], args) -> Path:
+    if args.record:
+        return Path(args.record)
+    settings = AttackSettings(attack=cfg["attack"], dataset=cfg["dataset"], model=cfg["model"], width=cfg["width"],
+                              pratio=cfg["pratio"], target=cfg["attack_target"],
+                              label_mode=cfg["attack_label_trans"], epochs=cfg["attack_epochs"],
+                              lr=cfg["attack_lr"], batch_size=cfg["attack_batch_size"],
+                              train_subset=cfg["attack_train_subset"], seed=cfg["random_seed"])
+    ATTACKS.get(settings.attack)  # unknown names fail before any work
+    data_mod.DATASETS.get(settings.dataset)
+    folder = Path(args.record_root) / record_name(settings)
+    if (folder / "attack_result.pt").is_file():
+        log.info("reusing the attack record %s", folder)
+    else:
+        log.info("no record at %s: running the %s attack on %s", folder, settings.attack, settings.dataset)
+        build_attack_record(folder, settings, data_root=args.data_root, download=args.download, device=args.device)
+    return folder
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    if args.no_progress:
+        from .progress import set_enabled
+        set_enabled(False)
+    try:
+        return _run(args)
+    except USER_ERRORS as e:
+        log.error("%s", e)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted: results of this run were not written")
+        return 130
+
+
+def _run(args) -> int:
+    started = time.time()
+    cli = {k: getattr(args, k, None) for k in CLI_KEYS}
+    cfg = merge(args.preset, read_yaml(args.config), cli)
+    record_dir = obtain_record(cfg, args)
+    out = prepare_defense_dir(record_dir, args.defense_name, args.overwrite)
+    file_handler = logging.FileHandler(log_file_path(out))
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    logging.getLogger().addHandler(file_handler)
+    try:
+        return _defend(args, cfg, record_dir, out, started)
+    finally:
+        logging.getLogger().removeHandler(file_handler)
+        file_handler.close()
+
+
+def _defend(args, cfg, record_dir: Path, out: Path, started: float) -> int:
+    record = load_attack_record(record_dir, data_root=args.data_root, trust=args.trust_record, device=args.device)
+    info = data_mod.dataset_info(record.clean_data)
+    normalize = Normalizer(info.mean, info.std, record.clean_test.images.shape[1])
+    targets = resolve_targets(cfg["target"], record)
+    layer = cfg["layer"] or last_conv_name(record.model)
+    find_layer(record.model, layer)
+    n_train = len(record.clean_train)
+    indices = read_index(Path(cfg["index"]), n_train) if cfg["index"] else \
+        draw_clean_subset(n_train, cfg["ratio"], cfg["random_seed"])
+    clean = data_mod.ImageSet(record.clean_train.images[indices], record.clean_train.labels[indices])
+    pgbd_cfg = PGBDConfig(layer=layer, lam=cfg["lambda"], form=cfg["loss_form"], reduction=cfg["reduction"],
+                          clusters=cfg["clusters"], lr=cfg["lr"], momentum=cfg["sgd_momentum"],
+                          weight_decay=cfg["wd"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+                          freeze_bn=cfg["freeze_bn"], augment=cfg["augment"], update_gap=cfg["update_gap"],
+                          alpha=cfg["alpha"], seed=cfg["random_seed"])
+    log.info("record %s: %s, %d classes, targets %s; clean subset %d samples; layer %s", record_dir,
+             record.model_name, record.num_classes, targets.tolist(), len(clean), layer)
+    before = evaluate(record.model, record.clean_test, record.bd_test, normalize, device=args.device)
+    log.info("poisoned model: CA %.4f ASR %.4f RA %.4f", before["test_acc"], before["test_asr"], before["test_ra"])
+    rows: List[Dict[str, float]] = []
+    eval_every = max(1, int(cfg["eval_every"]))
+
+    def on_epoch_end(epoch: int, stats: Dict[str, float]) -> None:
+        row = {"epoch": epoch, "batch": -(-len(clean) // pgbd_cfg.batch_size) - 1, **stats}
+        if (epoch + 1) % eval_every == 0 or epoch + 1 == pgbd_cfg.epochs:
+            row.update(evaluate(record.model, record.clean_test, record.bd_test, normalize, device=args.device))
+            log.info("epoch %d: loss %.4f CA %.4f ASR %.4f RA %.4f", epoch + 1, stats["train_epoch_loss_avg_over_batch"],
+                     row["test_acc"], row["test_asr"], row["test_ra"])
+        rows.append(row)
+
+    pgbd_finetune(record.model, clean, targets, normalize, pgbd_cfg, hflip=info.hflip, device=args.device,
+                  on_epoch_end=on_epoch_end)
+    after = rows[-1]
+    d = dem(before["test_acc"], before["test_asr"], after["test_acc"], after["test_asr"])
+    summary = {
+        "attack": record.raw.get("attack", record.name), "dataset": record.clean_data, "defense": args.defense_name,
+        "ca_poisoned": before["test_acc"], "asr_poisoned": before["test_asr"], "ra_poisoned": before["test_ra"],
+        "ca": after["test_acc"], "asr": after["test_asr"], "ra": after["test_ra"], "dem": d.value,
+        "delta_c": d.delta_c, "delta_a": d.delta_a, "seconds": round(time.time() - started, 1),
+        "record": str(record_dir), "clean_samples": len(clean), "version": __version__,
+        "torch": torch.__version__,
+    }
+    write_defense_result(out, record.model, record.model_name, record.num_classes)
+    write_epoch_tables(out, args.defense_name, rows)
+    write_index(out, indices)
+    write_summary(out, summary, {**cfg, "layer": layer, "preset": args.preset, "device": args.device})
+    print(_fmt_table(before, after, d.value))
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""The batched sanitization loss against the slow per-sample reference that
+differentiates the prototype loss with autograd (create_graph), as the release does."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from pgbd_defense.loss import pgbd_loss, per_sample_reference_loss, sanitization_loss
+from pgbd_defense.models import build_model
+from pgbd_defense.prototypes import capture, pure_pavs
+
+
+class TinyNet(nn.Module):
+    def __init__(self, k=4):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(),
+                                      nn.Conv2d(5, 6, 3, stride=2, padding=1))
+        self.head = nn.Linear(6 * 4 * 4, k)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.features(x)).flatten(1))
+
+
+def _setup(model_fn, layer, k, seed):
+    torch.manual_seed(seed)
+    model = model_fn().double().eval()
+    # Non-trivial BatchNorm statistics, so eval-mode BN actually transforms.
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(7, 3, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2]) % k  # the target class 0 is in the batch
+    with torch.no_grad(), capture(model, layer) as store:
+        model(x)
+        dim = store["out"].flatten(1).shape[1]
+    protos = torch.randn(k, dim, dtype=torch.float64)
+    targets = torch.zeros(k, dtype=torch.int64)
+    pavs, active = pure_pavs(protos, targets)
+    return model, x, y, protos, pavs, active
+
+
+def _fast(model, layer, x, y, protos, pavs, active, lam, form, reduction):
+    with capture(model, layer) as store:
+        logits = model(x)
+        loss, _, _ = pgbd_loss(logits, store["out"].flatten(1), y, protos, pavs, active, lam, form, reduction)
+    return loss
+
+
+MODELS = [
+    (lambda: TinyNet(4), "features.3", 4),
+    (lambda: build_model("preactresnet18", 4, in_channels=3, width=0.0625), "layer4.1.conv2", 4),
+]
+
+
+@pytest.mark.parametrize("form", ["cos", "abs_cos"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("model_idx", [0, 1])
+def test_batched_loss_matches_per_sample_autograd_reference(form, reduction, model_idx):
+    model_fn, layer, k = MODELS[model_idx]
+    model, x, y, protos, pavs, active = _setup(model_fn, layer, k, seed=model_idx)
+    lam = 10.0
+    fast = _fast(model, layer, x, y, protos, pavs, active, lam, form, reduction)
+    fast_grads = torch.autograd.grad(fast, list(model.parameters()))
+    ref = per_sample_reference_loss(model, layer, x, y, protos, pavs, active, lam, form, reduction)
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    assert fast.item() == pytest.approx(ref.item(), abs=1e-5)
+    for (name, _), a, b in zip(model.named_parameters(), fast_grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), name
+    # The sanitization term must matter, or the comparison above proves nothing about it.
+    plain = _fast(model, layer, x, y, protos, pavs, active, 0.0, form, reduction)
+    assert abs(fast.item() - plain.item()) > 1e-3
+
+
+def test_cos_is_the_cosine_of_the_deviation_with_the_pav():
+    acts = torch.tensor([[3.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    labels = torch.tensor([1, 1, 0])
+    protos = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    pavs, active = pure_pavs(protos, torch.tensor([0, 0]))  # V_1 = P_0 - P_1 = (-1, 0)
+    # sample 0: g = 2*(2, 0) -> cos = -1; sample 1: g = 2*(-1, 2) -> cos = 1/sqrt(5); sample 2 is the target class.
+    expected_cos = -1.0 + 1.0 / 5 ** 0.5
+    expected_abs = 1.0 + 1.0 / 5 ** 0.5
+    assert sanitization_loss(acts, labels, protos, pavs, active, "cos", "sum").item() == pytest.approx(expected_cos)
+    assert sanitization_loss(acts, labels, protos, pavs, active, "abs_cos", "sum").item() == pytest.approx(expected_abs)
+    assert sanitization_loss(acts, labels, protos, pavs, active, "cos", "mean").item() == pytest.approx(expected_cos / 3)
+
+
+def test_batch_of_target_class_only_gives_zero_loss_with_a_graph():
+    acts = torch.randn(4, 3, requires_grad=True)
+    protos, labels = torch.randn(2, 3), torch.zeros(4, dtype=torch.int64)
+    pavs, active = pure_pavs(protos, torch.tensor([0, 0]))
+    loss = sanitization_loss(acts, labels, protos, pavs, active)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(acts.grad == 0)
+
+
+def test_bad_form_is_rejected_with_the_choices():
+    with pytest.raises(ValueError, match="abs_cos"):
+        sanitization_loss(torch.zeros(1, 2), torch.zeros(1, dtype=torch.int64), torch.zeros(2, 2), torch.zeros(2, 2),
+                          torch.ones(2, dtype=torch.bool), form="sine")
