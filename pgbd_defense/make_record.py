@@ -36,6 +36,7 @@ class AttackSettings:
     lr: float = 0.01
     batch_size: int = 128
     train_subset: int = 0  # 0: the whole training split
+    augment: bool = True
     seed: int = 0
 
 
@@ -65,7 +66,7 @@ def build_attack_record(folder: Path, s: AttackSettings, data_root: Optional[str
     model = build_model(s.model, info.num_classes, channels, s.width)
     normalize = Normalizer(info.mean, info.std, channels)
     train_classifier(model, images, labels, normalize, s.epochs, lr=s.lr, batch_size=s.batch_size,
-                     hflip=info.hflip, seed=s.seed, device=device)
+                     augment=s.augment, hflip=info.hflip, seed=s.seed, device=device)
     metrics = evaluate(model, test, bd_test, normalize, device=device)
     log.info("backdoored model: CA %.4f ASR %.4f RA %.4f", metrics["test_acc"], metrics["test_asr"], metrics["test_ra"])
     write_attack_record(folder, model=model, model_name=s.model, num_classes=info.num_classes,

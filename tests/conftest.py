@@ -1,0 +1,48 @@
+import gzip
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("PGBD_NO_PROGRESS", "1")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+FIXTURE_RECORD = SHARED / "fixtures" / "backdoorbench" / "record" / "badnet_0_1_fmnist"
+FASHION_MNIST = Path(os.environ.get("PGBD_FASHION_MNIST", "/usr/share/datasets/fashion-mnist"))
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def make_idx_dataset(root: Path, n_train: int = 120, n_test: int = 60, seed: int = 0) -> Path:
+    """A tiny MNIST-layout data set: class c is a bright band at row 2c (learnable, deterministic)."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n) % 10
+        images = rng.integers(0, 60, size=(n, 28, 28))
+        for i, c in enumerate(labels):
+            images[i, 2 * c : 2 * c + 2, :] = 200
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    return make_idx_dataset(tmp_path / "data")
+
+
+def needs_fashion_mnist():
+    return pytest.mark.skipif(not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
+                              reason=f"Fashion-MNIST not installed at {FASHION_MNIST} (apt-get install dataset-fashion-mnist)")
+
+
+def needs_fixture():
+    return pytest.mark.skipif(not (FIXTURE_RECORD / "attack_result.pt").is_file(),
+                              reason="../shared/fixtures/backdoorbench is not present")
