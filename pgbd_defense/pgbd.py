@@ -45,6 +45,10 @@ class PGBDConfig:
         augment: BackdoorBench's train augmentation on the clean subset.
         update_gap: re-estimate prototypes every this many epochs (0: never; release: 5).
         alpha: weight of the fresh prototypes when re-estimating (release: 0.75).
+        grad_clip: clip the global gradient norm to this value (0: off; the paper does not clip).
+            With BatchNorm frozen the network has no normalization left, and the cosine's
+            gradient grows as 1/||f(x) - P_c|| near a prototype: clipping keeps larger
+            learning rates from diverging.
         seed: seeds k-means, data order and augmentation.
     """
 
@@ -62,6 +66,7 @@ class PGBDConfig:
     augment: bool = True
     update_gap: int = 0
     alpha: float = 0.75
+    grad_clip: float = 0.0
     seed: int = 0
 
     def __post_init__(self):
@@ -79,6 +84,8 @@ class PGBDConfig:
             problems.append(f"lam={self.lam} (must be >= 0)")
         if self.update_gap < 0:
             problems.append(f"update_gap={self.update_gap} (must be >= 0)")
+        if self.grad_clip < 0:
+            problems.append(f"grad_clip={self.grad_clip} (must be >= 0)")
         if not 0 <= self.alpha <= 1:
             problems.append(f"alpha={self.alpha} (must lie in [0, 1])")
         if problems:
@@ -149,6 +156,8 @@ def pgbd_finetune(model: torch.nn.Module, clean: ImageSet, targets: torch.Tensor
                         f"L_s {ls.item()}); lower the learning rate or lambda")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 sums["loss"] += loss.item()
                 sums["ce"] += ce.item()

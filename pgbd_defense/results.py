@@ -8,7 +8,7 @@ atomically; an existing result is never replaced without ``overwrite``."""
 from __future__ import annotations
 
 import json
-import logging
+import math
 import time
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -77,5 +77,7 @@ def write_summary(out: Path, summary: Dict, config: Dict) -> None:
     missing = [k for k in SUMMARY_KEYS if k not in summary]
     if missing:
         raise KeyError(f"summary lacks {missing}")
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    # Strict JSON has no NaN: an undefined number (DEM of a model without backdoor) is null.
+    clean = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in summary.items()}
+    atomic_write_text(out / "summary.json", json.dumps(clean, indent=2) + "\n")
     atomic_write_text(out / "config.yaml", yaml.safe_dump(config, sort_keys=True))

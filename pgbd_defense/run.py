@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from .batches import Normalizer
 from .config import DEFAULT_PRESET, PRESETS, ConfigError, merge, read_yaml
 from .data import DataNotFoundError
 from .make_record import AttackSettings, build_attack_record, record_name
-from .metrics import dem, evaluate
+from .metrics import DEM, dem, evaluate
 from .models import ModelMismatchError
 from .pgbd import NonFiniteLossError, PGBDConfig, pgbd_finetune
 from .prototypes import LayerNotFoundError, last_conv_name, find_layer
@@ -120,10 +121,12 @@ def draw_clean_subset(n_train: int, ratio: float, seed: int) -> List[int]:
 
 
 def _setup_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    if not any(getattr(h, "_pgbd_console", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        handler._pgbd_console = True
+        root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
     logging.captureWarnings(True)
 
@@ -208,6 +211,9 @@ def _defend(args, cfg, record_dir: Path, out: Path, started: float) -> int:
              record.model_name, record.num_classes, targets.tolist(), len(clean), layer)
     before = evaluate(record.model, record.clean_test, record.bd_test, normalize, device=args.device)
     log.info("poisoned model: CA %.4f ASR %.4f RA %.4f", before["test_acc"], before["test_asr"], before["test_ra"])
+    if before["test_asr"] == 0 or before["test_acc"] == 0:
+        log.warning("the record's model shows no backdoor (ASR %.4f) or no accuracy (CA %.4f): DEM is undefined "
+                    "and will be reported as NaN", before["test_asr"], before["test_acc"])
     rows: List[Dict[str, float]] = []
     eval_every = max(1, int(cfg["eval_every"]))
 
@@ -222,7 +228,8 @@ def _defend(args, cfg, record_dir: Path, out: Path, started: float) -> int:
     pgbd_finetune(record.model, clean, targets, normalize, pgbd_cfg, hflip=info.hflip, device=args.device,
                   on_epoch_end=on_epoch_end)
     after = rows[-1]
-    d = dem(before["test_acc"], before["test_asr"], after["test_acc"], after["test_asr"])
+    d = dem(before["test_acc"], before["test_asr"], after["test_acc"], after["test_asr"]) \
+        if before["test_asr"] > 0 and before["test_acc"] > 0 else DEM(math.nan, math.nan)
     summary = {
         "attack": record.raw.get("attack", record.name), "dataset": record.clean_data, "defense": args.defense_name,
         "ca_poisoned": before["test_acc"], "asr_poisoned": before["test_asr"], "ra_poisoned": before["test_ra"],

@@ -1,0 +1,120 @@
+"""The command line on tiny generated data: outputs in BackdoorBench's layout, and
+bad input answered by one clear error (exit code 2) that never overwrites results."""
+
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from pgbd_defense import data as data_mod
+from pgbd_defense.batches import Normalizer
+from pgbd_defense.pgbd import NonFiniteLossError, PGBDConfig, pgbd_finetune
+from pgbd_defense.records import load_defense_result
+from pgbd_defense.run import main
+
+from .test_records import _write
+
+FAST = ["--epochs", "2", "--batch-size", "16", "--ratio", "0.5", "--no-progress"]
+
+
+@pytest.fixture
+def record(tmp_path, tiny_data):
+    folder, *_ = _write(tmp_path, tiny_data, save_png=True)
+    return folder, tiny_data
+
+
+def _run(record, *extra):
+    folder, data_root = record
+    return main(["--record", str(folder), "--data-root", str(data_root), *FAST, *extra])
+
+
+def test_defense_folder_has_backdoorbench_files(record, capsys):
+    assert _run(record) == 0
+    out = record[0] / "defense" / "pgbd"
+    for name in ("defense_result.pt", "pgbd_df.csv", "pgbd_df_summary.csv", "index.txt", "summary.json",
+                 "config.yaml"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "log").glob("*.log"))) == 1
+    df = pd.read_csv(out / "pgbd_df.csv", index_col=0)
+    assert list(df.columns[:9]) == ["epoch", "batch", "train_epoch_loss_avg_over_batch", "train_acc",
+                                    "clean_test_loss_avg_over_batch", "bd_test_loss_avg_over_batch", "test_acc",
+                                    "test_asr", "test_ra"]
+    assert df["epoch"].tolist() == [0, 1]
+    summary_df = pd.read_csv(out / "pgbd_df_summary.csv", index_col=0)
+    assert summary_df.index.tolist() == ["last", "valid_max", "exist_nan_value"]
+    assert summary_df.loc["last", "test_acc"] == pytest.approx(df["test_acc"].iloc[-1])
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("attack", "dataset", "defense", "ca_poisoned", "asr_poisoned", "ra_poisoned", "ca", "asr", "ra",
+                "dem", "seconds"):
+        assert key in summary
+    assert summary["ca"] == pytest.approx(df["test_acc"].iloc[-1])
+    assert summary["asr"] == pytest.approx(df["test_asr"].iloc[-1])
+    assert len((out / "index.txt").read_text().split()) == 60  # 50% of 120
+    assert load_defense_result(out)["model_name"] == "preactresnet18"
+    printed = capsys.readouterr().out
+    assert "poisoned" in printed and "PGBD" in printed and "DEM" in printed
+
+
+def test_existing_results_are_not_overwritten(record, caplog):
+    assert _run(record) == 0
+    out = record[0] / "defense" / "pgbd"
+    before = (out / "summary.json").read_bytes(), (out / "defense_result.pt").read_bytes()
+    assert _run(record, "--lr", "0.5") == 2
+    assert "--overwrite" in caplog.text
+    assert ((out / "summary.json").read_bytes(), (out / "defense_result.pt").read_bytes()) == before
+    assert _run(record, "--overwrite") == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--layer", "layer9.conv"], "layer4.1.conv2"),
+    (["--target", "12"], "out of range"),
+    (["--loss-form", "sine"], None),
+])
+def test_bad_values_fail_clearly(record, caplog, args, message):
+    if message is None:
+        with pytest.raises(SystemExit) as e:  # argparse rejects choices itself
+            _run(record, *args)
+        assert e.value.code == 2
+        return
+    assert _run(record, *args) == 2
+    assert message in caplog.text
+    assert not (record[0] / "defense" / "pgbd" / "summary.json").exists()
+
+
+def test_unknown_attack_and_dataset_are_named(tmp_path, caplog):
+    assert main(["--attack", "nosuch", "--record-root", str(tmp_path), "--no-progress"]) == 2
+    assert "unknown attack 'nosuch'" in caplog.text and "badnet" in caplog.text
+    assert main(["--dataset", "imagenet42", "--record-root", str(tmp_path), "--no-progress"]) == 2
+    assert "unknown dataset 'imagenet42'" in caplog.text
+
+
+def test_missing_data_names_every_place_looked(tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("PGBD_FASHION_MNIST", str(tmp_path / "nowhere"))
+    assert main(["--dataset", "fashion-mnist", "--data-root", str(tmp_path / "empty"), "--record-root",
+                 str(tmp_path / "rec"), "--no-progress"]) == 2
+    assert str(tmp_path / "empty") in caplog.text and str(tmp_path / "nowhere") in caplog.text
+    assert "dataset-fashion-mnist" in caplog.text
+
+
+def test_yaml_config_is_applied_and_checked(record, tmp_path, caplog):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lambda: 2.5\nloss_form: abs_cos\nlr: 1e-3\n")
+    assert _run(record, "--config", str(cfg)) == 0
+    saved = (record[0] / "defense" / "pgbd" / "config.yaml").read_text()
+    assert "lambda: 2.5" in saved and "loss_form: abs_cos" in saved and "lr: 0.001" in saved
+    cfg.write_text("lamda: 2.5\n")
+    assert _run(record, "--config", str(cfg), "--overwrite") == 2
+    assert "unknown config keys ['lamda']" in caplog.text
+
+
+def test_nan_loss_stops_with_epoch_and_batch(tiny_data):
+    train = data_mod.load_split("mnist", str(tiny_data), train=True)
+    from pgbd_defense.models import build_model
+    model = build_model("preactresnet18", 10, in_channels=1, width=0.0625)
+    with torch.no_grad():
+        model.linear.weight.fill_(math.nan)
+    with pytest.raises(NonFiniteLossError, match="epoch 1, batch 1"):
+        pgbd_finetune(model, train, torch.zeros(10, dtype=torch.int64), Normalizer((0.5,), (0.5,), 1),
+                      PGBDConfig(epochs=1, lam=0.0))
