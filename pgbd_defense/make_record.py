@@ -3,8 +3,10 @@ and write the record in BackdoorBench's format."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -41,9 +43,11 @@ class AttackSettings:
 
 
 def record_name(s: AttackSettings) -> str:
-    """BackdoorBench-style folder name, e.g. ``badnet_0_1`` for ratio 0.1 (plus what differs)."""
+    """BackdoorBench-style folder name (``badnet_0_1`` for ratio 0.1) with the data set,
+    model and a digest of every other setting, so a reused record was made the same way."""
     ratio = f"{s.pratio:g}".replace(".", "_")
-    return f"{s.attack}_{ratio}_{s.dataset}_{s.model}_w{s.width:g}_{s.label_mode}_t{s.target}_e{s.epochs}_s{s.seed}"
+    digest = hashlib.sha1(json.dumps(asdict(s), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{s.attack}_{ratio}_{s.dataset}_{s.model}_{digest}"
 
 
 def build_attack_record(folder: Path, s: AttackSettings, data_root: Optional[str] = None,
@@ -72,6 +76,6 @@ def build_attack_record(folder: Path, s: AttackSettings, data_root: Optional[str
     write_attack_record(folder, model=model, model_name=s.model, num_classes=info.num_classes,
                         clean_data=s.dataset, data_path=str(data_root or ""), img_size=(*info.size[:2], channels),
                         bd_train=bd_train, bd_test=bd_test, train_size=len(train), test_size=len(test),
-                        save_png=save_png, extra={"attack": s.attack, "attack_settings": vars(s).copy(),
+                        save_png=save_png, extra={"attack": s.attack, "attack_settings": asdict(s),
                                                   "attack_metrics": metrics})
     return metrics

@@ -26,6 +26,9 @@ from .prototypes import Prototypes, blend, capture, collect_activations, estimat
 log = logging.getLogger(__name__)
 
 
+LR_SCHEDULERS = ("constant", "cosine")
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the message names the epoch and batch."""
 
@@ -49,6 +52,8 @@ class PGBDConfig:
             With BatchNorm frozen the network has no normalization left, and the cosine's
             gradient grows as 1/||f(x) - P_c|| near a prototype: clipping keeps larger
             learning rates from diverging.
+        lr_scheduler: ``constant`` (the paper) or ``cosine`` (annealed to 0 over the epochs,
+            BackdoorBench's usual choice for fine-tuning).
         seed: seeds k-means, data order and augmentation.
     """
 
@@ -67,6 +72,7 @@ class PGBDConfig:
     update_gap: int = 0
     alpha: float = 0.75
     grad_clip: float = 0.0
+    lr_scheduler: str = "constant"
     seed: int = 0
 
     def __post_init__(self):
@@ -84,6 +90,8 @@ class PGBDConfig:
             problems.append(f"lam={self.lam} (must be >= 0)")
         if self.update_gap < 0:
             problems.append(f"update_gap={self.update_gap} (must be >= 0)")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            problems.append(f"lr_scheduler={self.lr_scheduler!r} (choose {', '.join(LR_SCHEDULERS)})")
         if self.grad_clip < 0:
             problems.append(f"grad_clip={self.grad_clip} (must be >= 0)")
         if not 0 <= self.alpha <= 1:
@@ -131,6 +139,9 @@ def pgbd_finetune(model: torch.nn.Module, clean: ImageSet, targets: torch.Tensor
     model.to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    n_batches = math.ceil(len(clean) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * n_batches) \
+        if cfg.lr_scheduler == "cosine" else None
     state = compute_state(model, layer, clean, targets, normalize, cfg, device=device) if cfg.lam > 0 else None
     history = []
     for epoch in range(cfg.epochs):
@@ -138,7 +149,6 @@ def pgbd_finetune(model: torch.nn.Module, clean: ImageSet, targets: torch.Tensor
             state = compute_state(model, layer, clean, targets, normalize, cfg, previous=state, device=device)
         model.train(not cfg.freeze_bn)
         sums = {"loss": 0.0, "ce": 0.0, "ls": 0.0, "correct": 0, "n": 0}
-        n_batches = math.ceil(len(clean) / cfg.batch_size)
         batches = iterate(clean.images, clean.labels, cfg.batch_size, normalize, shuffle=True,
                           augment=cfg.augment, hflip=hflip, generator=gen, device=device)
         with capture(model, layer) as store:
@@ -159,6 +169,8 @@ def pgbd_finetune(model: torch.nn.Module, clean: ImageSet, targets: torch.Tensor
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
+                if sched is not None:
+                    sched.step()
                 sums["loss"] += loss.item()
                 sums["ce"] += ce.item()
                 sums["ls"] += ls.item()

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attack-target", type=int, help="attack target label (default 0)")
     g.add_argument("--attack-label-trans", choices=["all2one", "all2all"])
     g.add_argument("--attack-epochs", type=int)
+    g.add_argument("--attack-train-subset", type=int, help="train the backdoored model on this many samples (0: all)")
     g = p.add_argument_group("PGBD")
     g.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
                    help=f"defaults to start from (default {DEFAULT_PRESET}; 'paper' = the paper's settings)")
@@ -75,7 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clusters", type=int)
     g.add_argument("--update-gap", dest="update_gap", type=int, help="re-estimate prototypes every N epochs (0: never)")
     g.add_argument("--alpha", type=float, help="blend rate of re-estimated prototypes")
+    g.add_argument("--grad-clip", dest="grad_clip", type=float, help="clip the gradient norm (0: off)")
+    g.add_argument("--freeze-bn", dest="freeze_bn", action=argparse.BooleanOptionalAction,
+                   help="keep BatchNorm statistics frozen while fine-tuning")
+    g.add_argument("--augment", dest="augment", action=argparse.BooleanOptionalAction,
+                   help="random-crop augmentation of the clean subset")
     g.add_argument("--lr", type=float)
+    g.add_argument("--lr-scheduler", dest="lr_scheduler", choices=["constant", "cosine"])
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", dest="batch_size", type=int)
     g.add_argument("--ratio", type=float, help="share of the clean training split the defender holds (0.05)")
@@ -92,8 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 CLI_KEYS = ["attack", "dataset", "model", "width", "pratio", "attack_target", "attack_label_trans", "attack_epochs",
+            "attack_train_subset",
             "target", "layer", "lambda", "loss_form", "reduction", "clusters", "update_gap", "alpha", "lr", "epochs",
-            "batch_size", "ratio", "index", "random_seed", "eval_every"]
+            "batch_size", "ratio", "index", "random_seed", "eval_every", "grad_clip", "freeze_bn", "augment",
+            "lr_scheduler"]
 
 
 def resolve_targets(spec: Any, record: AttackRecord) -> torch.Tensor:
@@ -147,7 +156,8 @@ def obtain_record(cfg: Dict[str, Any], args) -> Path:
                               pratio=cfg["pratio"], target=cfg["attack_target"],
                               label_mode=cfg["attack_label_trans"], epochs=cfg["attack_epochs"],
                               lr=cfg["attack_lr"], batch_size=cfg["attack_batch_size"],
-                              train_subset=cfg["attack_train_subset"], seed=cfg["random_seed"])
+                              train_subset=cfg["attack_train_subset"], augment=cfg["attack_augment"],
+                              seed=cfg["random_seed"])
     ATTACKS.get(settings.attack)  # unknown names fail before any work
     data_mod.DATASETS.get(settings.dataset)
     folder = Path(args.record_root) / record_name(settings)
@@ -206,7 +216,8 @@ def _defend(args, cfg, record_dir: Path, out: Path, started: float) -> int:
                           clusters=cfg["clusters"], lr=cfg["lr"], momentum=cfg["sgd_momentum"],
                           weight_decay=cfg["wd"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
                           freeze_bn=cfg["freeze_bn"], augment=cfg["augment"], update_gap=cfg["update_gap"],
-                          alpha=cfg["alpha"], seed=cfg["random_seed"])
+                          alpha=cfg["alpha"], grad_clip=cfg["grad_clip"], lr_scheduler=cfg["lr_scheduler"],
+                          seed=cfg["random_seed"])
     log.info("record %s: %s, %d classes, targets %s; clean subset %d samples; layer %s", record_dir,
              record.model_name, record.num_classes, targets.tolist(), len(clean), layer)
     before = evaluate(record.model, record.clean_test, record.bd_test, normalize, device=args.device)
