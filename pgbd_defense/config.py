@@ -71,6 +71,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "augment": False,
         "grad_clip": 5.0,
         "lr_scheduler": "cosine",
+        "freeze_bn": False,
     },
 }
 DEFAULT_PRESET = "cpu"

@@ -59,6 +59,11 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def __getitem__(self, i: int):
+        """BackdoorBench's 5-tuple for a clean sample: (image, label, index, 0, label)."""
+        label = int(self.labels[i])
+        return self.images[i], label, int(i), 0, label
+
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
             raise ValueError(f"images must be a uint8 N x C x H x W tensor, got {self.images.dtype} {tuple(self.images.shape)}")

@@ -144,3 +144,10 @@ def test_genuine_record_reproduces_backdoorbench_metrics_on_a_slice():
     # BackdoorBench measured CA 84.75 / ASR 99.96 on the full sets.
     assert 0.78 <= m["test_acc"] <= 0.92
     assert m["test_asr"] >= 0.99
+
+
+def test_clean_splits_serve_5_tuples_too(tiny_data):
+    test = data_mod.load_split("mnist", str(tiny_data), train=False)
+    img, label, index, indicator, original = test[5]
+    assert img.shape == (1, 28, 28) and img.dtype == torch.uint8
+    assert (label, index, indicator, original) == (5, 5, 0, 5)
