@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .prototypes import capture
 
 FORMS = ("cos", "abs_cos")
+_EPS = 1e-8
 REDUCTIONS = ("sum", "mean")
 
 
@@ -48,12 +49,13 @@ def sanitization_loss(acts: torch.Tensor, labels: torch.Tensor, prototypes: torc
         reduction: ``sum`` over the batch (the release) or ``mean`` (sum / B).
     """
     _check(form, reduction)
-    keep = active[labels]
-    if not keep.any():
-        return acts.sum() * 0.0
-    grad_lp = 2.0 * (acts[keep] - prototypes[labels[keep]])
-    per_sample = _shaped(F.cosine_similarity(grad_lp, pavs[labels[keep]], dim=1), form)
-    total = per_sample.sum()
+    # Masking by multiplication (no boolean indexing) keeps the batch shape static;
+    # inactive classes have V_c = 0, so their cosine is 0 before the mask, too.
+    weight = active[labels].to(acts.dtype)
+    grad_lp = 2.0 * (acts - prototypes[labels])
+    v = pavs[labels]
+    cos = (grad_lp * v).sum(1) / (grad_lp.norm(dim=1) * v.norm(dim=1)).clamp_min(_EPS)
+    total = (_shaped(cos, form) * weight).sum()
     return total / len(labels) if reduction == "mean" else total
 
 
