@@ -140,13 +140,12 @@ def _setup_logging(verbose: bool) -> None:
     logging.captureWarnings(True)
 
 
-def _fmt_table(before: Dict[str, float], after: Dict[str, float], dem_value: float) -> str:
-    lines = ["             CA      ASR     RA      DEM",
-             f"poisoned  {100 * before['test_acc']:6.2f}  {100 * before['test_asr']:6.2f}  "
-             f"{100 * before['test_ra']:6.2f}      -",
-             f"PGBD      {100 * after['test_acc']:6.2f}  {100 * after['test_asr']:6.2f}  "
-             f"{100 * after['test_ra']:6.2f}  {dem_value:.3f}"]
-    return "\n".join(lines)
+def _fmt_table(before: Dict[str, float], after: Dict[str, float], dem_value: float, name: str) -> str:
+    def row(label: str, m: Dict[str, float], last: str) -> str:
+        return f"{label:<10}{100 * m['test_acc']:7.2f} {100 * m['test_asr']:7.2f} {100 * m['test_ra']:7.2f}  {last}"
+
+    return "\n".join([f"{'':<10}{'CA':>7} {'ASR':>7} {'RA':>7}  DEM", row("poisoned", before, "-"),
+                      row(name, after, f"{dem_value:.3f}")])
 
 
 def obtain_record(cfg: Dict[str, Any], args) -> Path:
@@ -186,7 +185,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _run(args) -> int:
-    started = time.time()
     cli = {k: getattr(args, k, None) for k in CLI_KEYS}
     cfg = merge(args.preset, read_yaml(args.config), cli)
     record_dir = obtain_record(cfg, args)
@@ -195,13 +193,14 @@ def _run(args) -> int:
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.getLogger().addHandler(file_handler)
     try:
-        return _defend(args, cfg, record_dir, out, started)
+        return _defend(args, cfg, record_dir, out)
     finally:
         logging.getLogger().removeHandler(file_handler)
         file_handler.close()
 
 
-def _defend(args, cfg, record_dir: Path, out: Path, started: float) -> int:
+def _defend(args, cfg, record_dir: Path, out: Path) -> int:
+    started = time.time()  # the defense's own time; building the attack record is not counted
     record = load_attack_record(record_dir, data_root=args.data_root, trust=args.trust_record, device=args.device)
     info = data_mod.dataset_info(record.clean_data)
     normalize = Normalizer(info.mean, info.std, record.clean_test.images.shape[1])
@@ -253,7 +252,7 @@ def _defend(args, cfg, record_dir: Path, out: Path, started: float) -> int:
     write_epoch_tables(out, args.defense_name, rows)
     write_index(out, indices)
     write_summary(out, summary, {**cfg, "layer": layer, "preset": args.preset, "device": args.device})
-    print(_fmt_table(before, after, d.value))
+    print(_fmt_table(before, after, d.value, args.defense_name))
     print(f"results: {out}")
     return 0
 

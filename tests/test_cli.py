@@ -54,7 +54,7 @@ def test_defense_folder_has_backdoorbench_files(record, capsys):
     assert len((out / "index.txt").read_text().split()) == 60  # 50% of 120
     assert load_defense_result(out)["model_name"] == "preactresnet18"
     printed = capsys.readouterr().out
-    assert "poisoned" in printed and "PGBD" in printed and "DEM" in printed
+    assert "poisoned" in printed and "pgbd" in printed and "DEM" in printed
 
 
 def test_existing_results_are_not_overwritten(record, caplog):
