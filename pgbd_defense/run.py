@@ -27,7 +27,7 @@ from .config import DEFAULT_PRESET, PRESETS, ConfigError, merge, read_yaml
 from .data import DataNotFoundError
 from .make_record import AttackSettings, build_attack_record, record_name
 from .metrics import DEM, dem, evaluate
-from .models import ModelMismatchError
+from .models import MODELS, ModelMismatchError
 from .pgbd import NonFiniteLossError, PGBDConfig, pgbd_finetune
 from .prototypes import LayerNotFoundError, last_conv_name, find_layer
 from .records import AttackRecord, RecordError, load_attack_record, write_defense_result
@@ -159,6 +159,7 @@ def obtain_record(cfg: Dict[str, Any], args) -> Path:
                               seed=cfg["random_seed"])
     ATTACKS.get(settings.attack)  # unknown names fail before any work
     data_mod.DATASETS.get(settings.dataset)
+    MODELS.get(settings.model)
     folder = Path(args.record_root) / record_name(settings)
     if (folder / "attack_result.pt").is_file():
         log.info("reusing the attack record %s", folder)

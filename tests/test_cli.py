@@ -88,6 +88,8 @@ def test_unknown_attack_and_dataset_are_named(tmp_path, caplog):
     assert "unknown attack 'nosuch'" in caplog.text and "badnet" in caplog.text
     assert main(["--dataset", "imagenet42", "--record-root", str(tmp_path), "--no-progress"]) == 2
     assert "unknown dataset 'imagenet42'" in caplog.text
+    assert main(["--model", "resnet9000", "--record-root", str(tmp_path), "--no-progress"]) == 2
+    assert "unknown model 'resnet9000'" in caplog.text and "vgg19_bn" in caplog.text
 
 
 def test_missing_data_names_every_place_looked(tmp_path, caplog, monkeypatch):
