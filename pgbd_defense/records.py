@@ -79,7 +79,7 @@ def resolve_png(saved: str, record_dir: Path) -> Path:
                       "the record folder is incomplete: copy its bd_*_dataset folders along with it")
 
 
-def _read_poisoned(state: Dict[str, Any], record_dir: Path, channels: int):
+def _read_poisoned(state: Dict[str, Any], record_dir: Path, channels: int, hw: tuple):
     container = state["bd_data_container"]
     entries = container["data_dict"]
     idx = np.fromiter((int(k) for k in entries), dtype=np.int64, count=len(entries))
@@ -87,10 +87,15 @@ def _read_poisoned(state: Dict[str, Any], record_dir: Path, channels: int):
     for k in entries:
         v = entries[k]
         if isinstance(v, dict):
-            with Image.open(resolve_png(v["path"], record_dir)) as im:
+            with Image.open(resolve_png(str(v["path"]), record_dir)) as im:
+                # The header gives the size before any pixel is decoded: refuse a bomb early.
+                if (im.height, im.width) != hw:
+                    raise RecordError(f"{v['path']} is {im.width}x{im.height}, the data set's images are {hw[1]}x{hw[0]}")
                 imgs.append(_to_chw(im, channels))
             bd_label, orig_label = v["other_info"][:2]
         else:
+            if not isinstance(v[0], Image.Image) or (v[0].height, v[0].width) != hw:
+                raise RecordError(f"poisoned sample {k} is not a {hw[1]}x{hw[0]} PIL image")
             imgs.append(_to_chw(v[0], channels))
             bd_label, orig_label = v[1], v[2]
         bd_labels.append(int(bd_label))
@@ -108,10 +113,14 @@ def backdoor_set_from_state(state: Dict[str, Any], clean: data_mod.ImageSet, rec
     if len(indicator_full) != len(clean):
         raise RecordError(f"record marks {len(indicator_full)} samples but the clean split has {len(clean)}: "
                           "the data root holds a different data set than the attack used")
+    if len(exposed) and (int(exposed.min()) < 0 or int(exposed.max()) >= len(clean)):
+        raise RecordError(f"original_index_array holds indices outside the clean split (0..{len(clean) - 1})")
     images = clean.images[exposed].clone()
     labels = clean.labels[exposed].clone()
     original_labels = clean.labels[exposed].clone()
-    p_idx, p_images, p_labels, p_orig = _read_poisoned(state, record_dir, channels)
+    p_idx, p_images, p_labels, p_orig = _read_poisoned(state, record_dir, channels, tuple(clean.images.shape[2:]))
+    if len(p_idx) and (int(p_idx.min()) < 0 or int(p_idx.max()) >= len(clean)):
+        raise RecordError(f"poisoned samples name indices outside the clean split (0..{len(clean) - 1})")
     if len(p_idx):
         if p_images.shape[1:] != images.shape[1:]:
             raise RecordError(f"poisoned images are {tuple(p_images.shape[1:])} but clean ones "
@@ -159,7 +168,7 @@ class AttackRecord:
     def bd_train(self) -> Optional[BackdoorSet]:
         """The poisoned training split (read on first use: it can be thousands of PNGs)."""
         if self._bd_train is None and self.raw.get("bd_train") is not None:
-            self._bd_train = backdoor_set_from_state(self.raw["bd_train"], self.clean_train, self.folder)
+            self._bd_train = _checked_state(self.raw["bd_train"], self.clean_train, self.folder, "bd_train")
         return self._bd_train
 
     def target_labels(self) -> torch.Tensor:
@@ -180,16 +189,45 @@ REQUIRED_KEYS = {"model_name": str, "num_classes": int, "model": dict, "img_size
 
 
 def validate_attack_result(raw: Any, path: Path) -> None:
+    """Check the structure a defense relies on, naming the offending key and the expected type."""
     if not isinstance(raw, dict):
         raise RecordError(f"{path} holds a {type(raw).__name__}, not BackdoorBench's attack_result dict")
     for key, kind in REQUIRED_KEYS.items():
         if key not in raw:
             raise RecordError(f"{path} lacks the key {key!r} every BackdoorBench attack_result.pt has")
-        if not isinstance(raw[key], kind):
+        if not isinstance(raw[key], kind) or isinstance(raw[key], bool):
             raise RecordError(f"{path}: {key!r} is a {type(raw[key]).__name__}, expected {kind}")
-    for key in ("bd_data_container", "original_index_array", "poison_indicator"):
-        if key not in raw["bd_test"]:
-            raise RecordError(f"{path}: bd_test lacks {key!r}")
+    if not 2 <= raw["num_classes"] <= 100_000:
+        raise RecordError(f"{path}: num_classes={raw['num_classes']} is not a plausible class count")
+    size = raw["img_size"]
+    if len(size) != 3 or not all(isinstance(v, (int, np.integer)) and 0 < int(v) <= 4096 for v in size) \
+            or int(size[2]) not in (1, 3):
+        raise RecordError(f"{path}: img_size={size!r} must be (height, width, channels) with 1 or 3 channels")
+    bad = [k for k, v in raw["model"].items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise RecordError(f"{path}: 'model' must map parameter names to tensors; offending keys {bad[:3]}")
+    for split in ("bd_train", "bd_test"):
+        state = raw.get(split)
+        if state is None and split == "bd_train":
+            continue
+        if not isinstance(state, dict):
+            raise RecordError(f"{path}: {split!r} is a {type(state).__name__}, expected a dataset state dict")
+        for key, kind in (("bd_data_container", dict), ("original_index_array", (np.ndarray, list, torch.Tensor)),
+                          ("poison_indicator", (np.ndarray, list, torch.Tensor))):
+            if not isinstance(state.get(key), kind):
+                raise RecordError(f"{path}: {split}[{key!r}] is a {type(state.get(key)).__name__}, expected {kind}")
+        if not isinstance(state["bd_data_container"].get("data_dict"), dict):
+            raise RecordError(f"{path}: {split}['bd_data_container']['data_dict'] must be a dict")
+
+
+def _checked_state(state: Dict[str, Any], clean: data_mod.ImageSet, folder: Path, split: str) -> BackdoorSet:
+    try:
+        return backdoor_set_from_state(state, clean, folder)
+    except RecordError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OSError) as e:
+        raise RecordError(f"{folder / 'attack_result.pt'}: the {split} split is malformed "
+                          f"({type(e).__name__}: {e})") from None
 
 
 def load_attack_record(folder, data_root: Optional[str] = None, trust: bool = False,
@@ -217,7 +255,7 @@ def load_attack_record(folder, data_root: Optional[str] = None, trust: bool = Fa
     model = build_model(raw["model_name"], int(raw["num_classes"]), **arch)
     load_weights(model, raw["model"], raw["model_name"])
     model.to(device).eval()
-    bd_test = backdoor_set_from_state(raw["bd_test"], clean_test, folder)
+    bd_test = _checked_state(raw["bd_test"], clean_test, folder, "bd_test")
     return AttackRecord(folder, raw, clean_train, clean_test, bd_test, model, arch)
 
 

@@ -65,7 +65,7 @@ def read_index(path: Path, n_train: int) -> List[int]:
     text = Path(path).read_text().split()
     try:
         idx = [int(float(t)) for t in text]
-    except ValueError as e:
+    except (ValueError, OverflowError) as e:
         raise ValueError(f"{path}: clean-subset index file must hold one integer per line ({e})") from None
     bad = [i for i in idx if not 0 <= i < n_train]
     if bad:

@@ -34,11 +34,11 @@ from .records import AttackRecord, RecordError, load_attack_record, write_defens
 from .registry import UnknownNameError
 from .results import (ExistingResultError, log_file_path, prepare_defense_dir, read_index, write_epoch_tables,
                       write_index, write_summary)
-from .safe_pickle import UnsafeRecordError
+from .safe_pickle import UnreadableFileError, UnsafeRecordError
 
 log = logging.getLogger("pgbd_defense")
 
-USER_ERRORS = (ConfigError, DataNotFoundError, RecordError, UnsafeRecordError, ModelMismatchError,
+USER_ERRORS = (ConfigError, DataNotFoundError, RecordError, UnsafeRecordError, UnreadableFileError, ModelMismatchError,
                LayerNotFoundError, UnknownNameError, ExistingResultError, NonFiniteLossError, ValueError,
                FileNotFoundError)
 
@@ -189,20 +189,21 @@ def _run(args) -> int:
     cli = {k: getattr(args, k, None) for k in CLI_KEYS}
     cfg = merge(args.preset, read_yaml(args.config), cli)
     record_dir = obtain_record(cfg, args)
+    # Load and validate everything before the first byte is written for this defense.
+    record = load_attack_record(record_dir, data_root=args.data_root, trust=args.trust_record, device=args.device)
     out = prepare_defense_dir(record_dir, args.defense_name, args.overwrite)
     file_handler = logging.FileHandler(log_file_path(out))
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
     logging.getLogger().addHandler(file_handler)
     try:
-        return _defend(args, cfg, record_dir, out)
+        return _defend(args, cfg, record, record_dir, out)
     finally:
         logging.getLogger().removeHandler(file_handler)
         file_handler.close()
 
 
-def _defend(args, cfg, record_dir: Path, out: Path) -> int:
+def _defend(args, cfg, record: AttackRecord, record_dir: Path, out: Path) -> int:
     started = time.time()  # the defense's own time; building the attack record is not counted
-    record = load_attack_record(record_dir, data_root=args.data_root, trust=args.trust_record, device=args.device)
     info = data_mod.dataset_info(record.clean_data)
     normalize = Normalizer(info.mean, info.std, record.clean_test.images.shape[1])
     targets = resolve_targets(cfg["target"], record)

@@ -10,9 +10,12 @@ to ``torch.load(weights_only=False)`` for files the user vouches for.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import types
-from typing import Any
+import zipfile
+from pathlib import Path
+from typing import Any, Optional
 
 import torch
 
@@ -21,6 +24,40 @@ log = logging.getLogger(__name__)
 
 class UnsafeRecordError(pickle.UnpicklingError):
     """The file names a global outside the allow-list: it may run code when loaded."""
+
+
+class UnreadableFileError(ValueError):
+    """Not a torch file, or a truncated, corrupted or oversized one."""
+
+
+# torch.save writes uncompressed zip archives; a larger total than this is refused
+# before anything is read (override with PGBD_MAX_LOAD_BYTES).
+DEFAULT_MAX_BYTES = 16 * 2**30
+
+
+def check_archive(path: Path, max_bytes: Optional[int] = None) -> None:
+    """Refuse archives that torch.save would not write, or that declare more data
+    than the limit, before any of their content is unpacked."""
+    limit = max_bytes or int(os.environ.get("PGBD_MAX_LOAD_BYTES", DEFAULT_MAX_BYTES))
+    if not path.is_file():
+        raise UnreadableFileError(f"{path} does not exist or is not a file")
+    if not zipfile.is_zipfile(path):
+        return  # torch's legacy format: left to the restricted unpickler
+    on_disk = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as z:
+            entries = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise UnreadableFileError(f"{path} is a damaged archive ({e})") from None
+    for info in entries:
+        if info.compress_type != zipfile.ZIP_STORED or info.file_size > on_disk:
+            raise UnreadableFileError(
+                f"{path}: entry {info.filename!r} is compressed or declares {info.file_size} bytes in a "
+                f"{on_disk}-byte file; torch.save never writes that (a crafted or damaged file)")
+    total = sum(i.file_size for i in entries)
+    if total > limit:
+        raise UnreadableFileError(f"{path} holds {total} bytes, over the {limit}-byte limit; "
+                                  "raise PGBD_MAX_LOAD_BYTES if the file is genuine")
 
 
 def _storage_types() -> set:
@@ -74,9 +111,19 @@ restricted_pickle = types.SimpleNamespace(
 )
 
 
-def safe_torch_load(path, trust: bool = False, map_location: str = "cpu") -> Any:
-    """``torch.load`` that refuses globals outside :data:`ALLOWED_GLOBALS` unless ``trust``."""
-    if trust:
-        log.warning("loading %s with full unpickling (--trust-record): the file can run code", path)
-        return torch.load(path, map_location=map_location, weights_only=False)
-    return torch.load(path, map_location=map_location, weights_only=False, pickle_module=restricted_pickle)
+def safe_torch_load(path, trust: bool = False, map_location: str = "cpu", max_bytes: Optional[int] = None) -> Any:
+    """``torch.load`` that refuses globals outside :data:`ALLOWED_GLOBALS` unless ``trust``.
+
+    Every failure is an :class:`UnsafeRecordError` or :class:`UnreadableFileError`."""
+    path = Path(path)
+    check_archive(path, max_bytes)
+    try:
+        if trust:
+            log.warning("loading %s with full unpickling (--trust-record): the file can run code", path)
+            return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False, pickle_module=restricted_pickle)
+    except UnsafeRecordError:
+        raise
+    except Exception as e:  # the boundary to untrusted bytes: every failure becomes one clear error
+        raise UnreadableFileError(f"{path} is not a readable torch file ({type(e).__name__}: {e}); "
+                                  "was it truncated, or written by another program?") from None
