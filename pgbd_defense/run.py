@@ -28,7 +28,7 @@ from .data import DataNotFoundError
 from .make_record import AttackSettings, build_attack_record, record_name
 from .metrics import DEM, dem, evaluate
 from .models import MODELS, ModelMismatchError
-from .pgbd import NonFiniteLossError, PGBDConfig, pgbd_finetune
+from .pgbd import NonFiniteLossError, PGBDConfig, ResumeMismatchError, pgbd_finetune
 from .prototypes import LayerNotFoundError, last_conv_name, find_layer
 from .records import AttackRecord, RecordError, load_attack_record, write_defense_result
 from .registry import UnknownNameError
@@ -38,9 +38,9 @@ from .safe_pickle import UnreadableFileError, UnsafeRecordError
 
 log = logging.getLogger("pgbd_defense")
 
-USER_ERRORS = (ConfigError, DataNotFoundError, RecordError, UnsafeRecordError, UnreadableFileError, ModelMismatchError,
-               LayerNotFoundError, UnknownNameError, ExistingResultError, NonFiniteLossError, ValueError,
-               FileNotFoundError)
+USER_ERRORS = (ConfigError, DataNotFoundError, RecordError, UnsafeRecordError, UnreadableFileError,
+               ModelMismatchError, LayerNotFoundError, UnknownNameError, ExistingResultError, NonFiniteLossError,
+               ResumeMismatchError, ValueError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu")
     g.add_argument("--defense-name", default="pgbd", help="folder name under <record>/defense/ (default pgbd)")
     g.add_argument("--overwrite", action="store_true", help="replace results already in the defense folder")
+    g.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last finished epoch (same settings)")
     g.add_argument("--no-progress", action="store_true")
     g.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -148,6 +150,19 @@ def _fmt_table(before: Dict[str, float], after: Dict[str, float], dem_value: flo
                       row(name, after, f"{dem_value:.3f}")])
 
 
+def environment() -> Dict[str, str]:
+    """Versions that decide the numbers, saved with every result."""
+    import platform
+
+    import numpy
+    import sklearn
+    import torchvision
+
+    return {"pgbd_defense": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "scikit-learn": sklearn.__version__, "python": platform.python_version(),
+            "machine": platform.machine()}
+
+
 def obtain_record(cfg: Dict[str, Any], args) -> Path:
     if args.record:
         return Path(args.record)
@@ -181,7 +196,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.error("%s", e)
         return 2
     except KeyboardInterrupt:
-        log.error("interrupted: results of this run were not written")
         return 130
 
 
@@ -226,19 +240,26 @@ def _defend(args, cfg, record: AttackRecord, record_dir: Path, out: Path) -> int
     if before["test_asr"] == 0 or before["test_acc"] == 0:
         log.warning("the record's model shows no backdoor (ASR %.4f) or no accuracy (CA %.4f): DEM is undefined "
                     "and will be reported as NaN", before["test_asr"], before["test_acc"])
-    rows: List[Dict[str, float]] = []
     eval_every = max(1, int(cfg["eval_every"]))
 
-    def on_epoch_end(epoch: int, stats: Dict[str, float]) -> None:
-        row = {"epoch": epoch, "batch": -(-len(clean) // pgbd_cfg.batch_size) - 1, **stats}
+    def on_epoch_end(epoch: int, stats: Dict[str, float]) -> Dict[str, float]:
+        row = {"epoch": epoch, "batch": -(-len(clean) // pgbd_cfg.batch_size) - 1}
         if (epoch + 1) % eval_every == 0 or epoch + 1 == pgbd_cfg.epochs:
             row.update(evaluate(record.model, record.clean_test, record.bd_test, normalize, device=args.device))
             log.info("epoch %d: loss %.4f CA %.4f ASR %.4f RA %.4f", epoch + 1, stats["train_epoch_loss_avg_over_batch"],
                      row["test_acc"], row["test_asr"], row["test_ra"])
-        rows.append(row)
+        return row
 
-    pgbd_finetune(record.model, clean, targets, normalize, pgbd_cfg, hflip=info.hflip, device=args.device,
-                  on_epoch_end=on_epoch_end)
+    checkpoint = out / "checkpoint" / "last.pt"
+    if checkpoint.is_file() and not args.resume:
+        log.warning("%s holds an interrupted run; starting over (pass --resume to continue it instead)", checkpoint)
+    try:
+        rows = pgbd_finetune(record.model, clean, targets, normalize, pgbd_cfg, hflip=info.hflip, device=args.device,
+                             on_epoch_end=on_epoch_end, checkpoint=checkpoint, resume=args.resume)
+    except KeyboardInterrupt:
+        log.error("interrupted: every finished epoch is saved in %s; rerun the same command with --resume "
+                  "to continue", checkpoint)
+        raise
     after = rows[-1]
     d = dem(before["test_acc"], before["test_asr"], after["test_acc"], after["test_asr"]) \
         if before["test_asr"] > 0 and before["test_acc"] > 0 else DEM(math.nan, math.nan)
@@ -247,13 +268,14 @@ def _defend(args, cfg, record: AttackRecord, record_dir: Path, out: Path) -> int
         "ca_poisoned": before["test_acc"], "asr_poisoned": before["test_asr"], "ra_poisoned": before["test_ra"],
         "ca": after["test_acc"], "asr": after["test_asr"], "ra": after["test_ra"], "dem": d.value,
         "delta_c": d.delta_c, "delta_a": d.delta_a, "seconds": round(time.time() - started, 1),
-        "record": str(record_dir), "clean_samples": len(clean), "version": __version__,
-        "torch": torch.__version__,
+        "record": str(record_dir), "clean_samples": len(clean), "seed": cfg["random_seed"],
+        "environment": environment(),
     }
     write_defense_result(out, record.model, record.model_name, record.num_classes)
     write_epoch_tables(out, args.defense_name, rows)
     write_index(out, indices)
     write_summary(out, summary, {**cfg, "layer": layer, "preset": args.preset, "device": args.device})
+    checkpoint.unlink(missing_ok=True)  # the results above supersede it
     print(_fmt_table(before, after, d.value, args.defense_name))
     print(f"results: {out}")
     return 0
