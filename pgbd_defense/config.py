@@ -33,6 +33,7 @@ COMMON = {
     "target": "record",
     "random_seed": 0,
     "eval_every": 1,
+    "proto_memory_mb": 1024.0,
 }
 
 PRESETS: Dict[str, Dict[str, Any]] = {

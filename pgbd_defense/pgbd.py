@@ -24,7 +24,7 @@ from .data import ImageSet
 from .loss import FORMS, REDUCTIONS, pgbd_loss
 from .progress import progress
 from .safe_pickle import safe_torch_load
-from .prototypes import Prototypes, blend, capture, collect_activations, estimate_prototypes, find_layer, last_conv_name, pure_pavs
+from .prototypes import Prototypes, blend, capture, find_layer, last_conv_name, pure_pavs, stream_prototypes
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,8 @@ class PGBDConfig:
             learning rates from diverging.
         lr_scheduler: ``constant`` (the paper) or ``cosine`` (annealed to 0 over the epochs,
             BackdoorBench's usual choice for fine-tuning).
+        proto_memory_mb: a class whose activations need more memory than this is clustered
+            by streaming MiniBatchKMeans instead of holding them all (see ``stream_prototypes``).
         seed: seeds k-means, data order and augmentation.
     """
 
@@ -76,6 +78,7 @@ class PGBDConfig:
     alpha: float = 0.75
     grad_clip: float = 0.0
     lr_scheduler: str = "constant"
+    proto_memory_mb: float = 1024.0
     seed: int = 0
 
     def __post_init__(self):
@@ -95,6 +98,8 @@ class PGBDConfig:
             problems.append(f"update_gap={self.update_gap} (must be >= 0)")
         if self.lr_scheduler not in LR_SCHEDULERS:
             problems.append(f"lr_scheduler={self.lr_scheduler!r} (choose {', '.join(LR_SCHEDULERS)})")
+        if self.proto_memory_mb <= 0:
+            problems.append(f"proto_memory_mb={self.proto_memory_mb} (must be > 0)")
         if self.grad_clip < 0:
             problems.append(f"grad_clip={self.grad_clip} (must be >= 0)")
         if not 0 <= self.alpha <= 1:
@@ -118,8 +123,8 @@ def compute_state(model, layer: str, clean: ImageSet, targets: torch.Tensor, nor
                   cfg: PGBDConfig, previous: Optional[SanitizationState] = None,
                   device: str = "cpu") -> SanitizationState:
     """Prototypes (blended with ``previous`` at rate alpha if given) and pure PAVs."""
-    acts = collect_activations(model, layer, clean.images, normalize, device=device)
-    protos = estimate_prototypes(acts, clean.labels, len(targets), cfg.clusters, cfg.seed)
+    protos = stream_prototypes(model, layer, clean.images, clean.labels, normalize, len(targets), cfg.clusters,
+                               cfg.seed, cfg.proto_memory_mb, device=device)
     if previous is not None:
         protos = blend(previous.prototypes, protos, cfg.alpha)
     means = protos.means()

@@ -17,7 +17,7 @@ from typing import Iterator, List, Optional
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import KMeans
+from sklearn.cluster import KMeans, MiniBatchKMeans
 
 from .batches import Normalizer, iterate
 
@@ -103,20 +103,68 @@ class Prototypes:
         return torch.stack([c.mean(0) if c is not None else torch.zeros(dim) for c in self.centroids])
 
 
+def _check_class_size(c: int, n: int, n_clusters: int) -> bool:
+    if n == 0:
+        warnings.warn(f"class {c} has no clean sample: it gets no prototype and no sanitization term")
+        return False
+    if n < n_clusters:
+        warnings.warn(f"class {c} has {n} clean samples, fewer than {n_clusters} clusters: using {n} cluster(s) for it")
+    return True
+
+
 def estimate_prototypes(acts: torch.Tensor, labels: torch.Tensor, num_classes: int,
                         n_clusters: int = 3, seed: int = 0) -> Prototypes:
+    """Prototypes from activations already in memory (N x D)."""
     centroids: List[Optional[torch.Tensor]] = []
     for c in range(num_classes):
         a = acts[labels == c]
-        if len(a) == 0:
-            warnings.warn(f"class {c} has no clean sample: it gets no prototype and no sanitization term")
+        centroids.append(kmeans_centroids(a, n_clusters, seed) if _check_class_size(c, len(a), n_clusters) else None)
+    return Prototypes(centroids)
+
+
+# k-means holds the float32 activations and a float64 copy: 12 bytes per value.
+_BYTES_PER_VALUE = 12
+
+
+def stream_prototypes(model: torch.nn.Module, layer: str, images: torch.Tensor, labels: torch.Tensor,
+                      normalize: Normalizer, num_classes: int, n_clusters: int = 3, seed: int = 0,
+                      memory_budget_mb: float = 1024, batch_size: int = 256, device: str = "cpu",
+                      passes: int = 3) -> Prototypes:
+    """Prototypes without holding the activations of all of D_S at once.
+
+    Each class is clustered on its own; a class whose activations would need more
+    than ``memory_budget_mb`` is clustered by scikit-learn's MiniBatchKMeans, fed
+    batch by batch from the forward pass (``passes`` times over the class), so peak
+    memory stays near one batch of activations. The choice is logged per class."""
+    dim = collect_activations(model, layer, images[:1], normalize, 1, device).shape[1]
+    centroids: List[Optional[torch.Tensor]] = []
+    for c in range(num_classes):
+        idx = (labels == c).nonzero().flatten()
+        if not _check_class_size(c, len(idx), n_clusters):
             centroids.append(None)
             continue
-        if len(a) < n_clusters:
-            warnings.warn(f"class {c} has {len(a)} clean samples, fewer than {n_clusters} clusters: "
-                          f"using {len(a)} cluster(s) for it")
-        centroids.append(kmeans_centroids(a, n_clusters, seed))
+        need_mb = len(idx) * dim * _BYTES_PER_VALUE / 2**20
+        if need_mb <= memory_budget_mb:
+            acts = collect_activations(model, layer, images[idx], normalize, batch_size, device)
+            centroids.append(kmeans_centroids(acts, n_clusters, seed))
+            continue
+        log.info("class %d: %d x %d activations need %.0f MB > budget %.0f MB: streaming MiniBatchKMeans",
+                 c, len(idx), dim, need_mb, memory_budget_mb)
+        centroids.append(_minibatch_centroids(model, layer, images[idx], normalize, n_clusters, seed,
+                                              max(batch_size, n_clusters), device, passes))
     return Prototypes(centroids)
+
+
+def _minibatch_centroids(model, layer, images, normalize, n_clusters, seed, batch_size, device, passes):
+    k = min(n_clusters, len(images))
+    km = MiniBatchKMeans(n_clusters=k, random_state=seed, batch_size=batch_size, n_init=3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(passes):
+        order = torch.randperm(len(images), generator=gen)
+        for start in range(0, len(images), batch_size):
+            chunk = order[start : start + batch_size]
+            km.partial_fit(collect_activations(model, layer, images[chunk], normalize, batch_size, device).numpy())
+    return torch.from_numpy(km.cluster_centers_).float()
 
 
 def match_clusters(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:

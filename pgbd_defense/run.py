@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep BatchNorm statistics frozen while fine-tuning")
     g.add_argument("--augment", dest="augment", action=argparse.BooleanOptionalAction,
                    help="random-crop augmentation of the clean subset")
+    g.add_argument("--proto-memory-mb", dest="proto_memory_mb", type=float,
+                   help="memory budget per class for prototype k-means; above it, streaming MiniBatchKMeans")
     g.add_argument("--lr", type=float)
     g.add_argument("--lr-scheduler", dest="lr_scheduler", choices=["constant", "cosine"])
     g.add_argument("--epochs", type=int)
@@ -104,7 +106,7 @@ CLI_KEYS = ["attack", "dataset", "model", "width", "pratio", "attack_target", "a
             "attack_train_subset",
             "target", "layer", "lambda", "loss_form", "reduction", "clusters", "update_gap", "alpha", "lr", "epochs",
             "batch_size", "ratio", "index", "random_seed", "eval_every", "grad_clip", "freeze_bn", "augment",
-            "lr_scheduler"]
+            "lr_scheduler", "proto_memory_mb"]
 
 
 def resolve_targets(spec: Any, record: AttackRecord) -> torch.Tensor:
@@ -232,7 +234,7 @@ def _defend(args, cfg, record: AttackRecord, record_dir: Path, out: Path) -> int
                           weight_decay=cfg["wd"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
                           freeze_bn=cfg["freeze_bn"], augment=cfg["augment"], update_gap=cfg["update_gap"],
                           alpha=cfg["alpha"], grad_clip=cfg["grad_clip"], lr_scheduler=cfg["lr_scheduler"],
-                          seed=cfg["random_seed"])
+                          proto_memory_mb=cfg["proto_memory_mb"], seed=cfg["random_seed"])
     log.info("record %s: %s, %d classes, targets %s; clean subset %d samples; layer %s", record_dir,
              record.model_name, record.num_classes, targets.tolist(), len(clean), layer)
     before = evaluate(record.model, record.clean_test, record.bd_test, normalize, device=args.device)

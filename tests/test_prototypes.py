@@ -85,3 +85,39 @@ def test_unknown_layer_lists_the_valid_ones():
     model = build_model("preactresnet18", 10, width=0.0625)
     with pytest.raises(LayerNotFoundError, match="layer4.1.conv2"):
         find_layer(model, "layer9.conv")
+
+
+def _identity_model():
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Identity())
+
+
+def _clustered_images(seed=0):
+    """2 classes x 3 tight clusters of 4x4 gray images; the activation is the normalized image."""
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randint(0, 256, (6, 1, 4, 4), generator=gen)
+    which = torch.arange(600) % 6
+    noise = torch.randint(-3, 4, (600, 1, 4, 4), generator=gen)
+    images = (centers[which] + noise).clamp(0, 255).to(torch.uint8)
+    return images, (which >= 3).long()
+
+
+def test_streaming_prototypes_match_in_memory_ones():
+    from pgbd_defense.batches import Normalizer
+    from pgbd_defense.prototypes import collect_activations, stream_prototypes
+
+    model, norm = _identity_model(), Normalizer((0.5,), (0.5,), 1)
+    images, labels = _clustered_images()
+    acts = collect_activations(model, "1", images, norm)
+    reference = estimate_prototypes(acts, labels, 2, 3, seed=0)
+    exact = stream_prototypes(model, "1", images, labels, norm, 2, 3, seed=0, memory_budget_mb=1024)
+    for a, b in zip(reference.centroids, exact.centroids):
+        assert torch.allclose(a, b, atol=1e-6)
+    streamed = stream_prototypes(model, "1", images, labels, norm, 2, 3, seed=0, memory_budget_mb=1e-4,
+                                 batch_size=32)
+    assert torch.allclose(streamed.means(), reference.means(), atol=0.02)
+    for a, b in zip(reference.centroids, streamed.centroids):
+        assert torch.allclose(_sorted_rows(a), _sorted_rows(b), atol=0.03)
+
+
+def _sorted_rows(c):
+    return c[c[:, 0].argsort()]
