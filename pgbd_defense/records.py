@@ -335,4 +335,6 @@ def load_defense_result(folder, trust: bool = False) -> Dict[str, Any]:
     for key, kind in (("model_name", str), ("num_classes", int), ("model", dict)):
         if not isinstance(raw, dict) or not isinstance(raw.get(key), kind):
             raise RecordError(f"{path}: {key!r} missing or not a {kind.__name__}")
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in raw["model"].items()):
+        raise RecordError(f"{path}: 'model' must map parameter names to tensors")
     return raw
