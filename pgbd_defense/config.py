@@ -22,6 +22,7 @@ COMMON = {
     "attack_lr": 0.01,
     "attack_batch_size": 128,
     "attack_train_subset": 0,
+    "trigger_image": "",
     "ratio": 0.05,
     "index": None,
     "layer": None,

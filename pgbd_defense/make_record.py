@@ -39,6 +39,7 @@ class AttackSettings:
     batch_size: int = 128
     train_subset: int = 0  # 0: the whole training split
     augment: bool = True
+    trigger_image: str = ""  # Blended: the user's trigger image (default: our generated pattern)
     seed: int = 0
 
 
@@ -57,11 +58,14 @@ def build_attack_record(folder: Path, s: AttackSettings, data_root: Optional[str
     channels = info.size[2]
     train = data_mod.load_split(s.dataset, data_root, train=True, download=download, channels=channels)
     test = data_mod.load_split(s.dataset, data_root, train=False, download=download, channels=channels)
+    if s.trigger_image and s.attack != "blended":
+        raise ValueError(f"a trigger image is an option of the blended attack, not of {s.attack!r}")
+    options = {"trigger_image": s.trigger_image} if s.trigger_image else {}
     attack = ATTACKS.get(s.attack)(num_classes=info.num_classes, target=s.target, ratio=s.pratio,
-                                   mode=s.label_mode, seed=s.seed)
+                                   mode=s.label_mode, seed=s.seed, **options)
     bd_train = attack.poison_train(train)
     bd_test = attack.poison_test(test)
-    images, labels = bd_train.images, bd_train.labels
+    images, labels = attack.training_set(bd_train)
     if s.train_subset and s.train_subset < len(labels):
         # A CPU budget: train on a seeded subset of the poisoned split (same poisoning share).
         keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(s.seed + 1))[: s.train_subset]

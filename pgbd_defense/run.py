@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attack-label-trans", choices=["all2one", "all2all"])
     g.add_argument("--attack-epochs", type=int)
     g.add_argument("--attack-train-subset", type=int, help="train the backdoored model on this many samples (0: all)")
+    g.add_argument("--trigger-image", help="blended: blend this image instead of our generated pattern")
     g = p.add_argument_group("PGBD")
     g.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
                    help=f"defaults to start from (default {DEFAULT_PRESET}; 'paper' = the paper's settings)")
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 CLI_KEYS = ["attack", "dataset", "model", "width", "pratio", "attack_target", "attack_label_trans", "attack_epochs",
-            "attack_train_subset",
+            "attack_train_subset", "trigger_image",
             "target", "layer", "lambda", "loss_form", "reduction", "clusters", "update_gap", "alpha", "lr", "epochs",
             "batch_size", "ratio", "index", "random_seed", "eval_every", "grad_clip", "freeze_bn", "augment",
             "lr_scheduler", "proto_memory_mb"]
@@ -173,6 +174,7 @@ def obtain_record(cfg: Dict[str, Any], args) -> Path:
                               label_mode=cfg["attack_label_trans"], epochs=cfg["attack_epochs"],
                               lr=cfg["attack_lr"], batch_size=cfg["attack_batch_size"],
                               train_subset=cfg["attack_train_subset"], augment=cfg["attack_augment"],
+                              trigger_image=cfg["trigger_image"] or "",
                               seed=cfg["random_seed"])
     ATTACKS.get(settings.attack)  # unknown names fail before any work
     data_mod.DATASETS.get(settings.dataset)

@@ -1,4 +1,4 @@
 """Attacks for the standalone path; each writes a BackdoorBench-format record."""
 
 from .base import ATTACKS, Attack, label_mapping  # noqa: F401
-from . import badnet  # noqa: F401  (registers "badnet")
+from . import badnet, blended, sig, trojan, wanet  # noqa: F401  (each registers itself)

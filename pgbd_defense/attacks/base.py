@@ -46,18 +46,35 @@ class Attack:
         """uint8 (N, C, H, W) clean images -> the same images carrying the trigger."""
         raise NotImplementedError
 
+    # Clean-label attacks (SIG) poison only target-class samples and keep their labels.
+    clean_label = False
+
+    def eligible(self, clean: ImageSet) -> torch.Tensor:
+        """Indices of the training samples the attack may poison."""
+        if self.clean_label:
+            return (clean.labels == self.target).nonzero().flatten()
+        return torch.arange(len(clean))
+
     def poison_train(self, clean: ImageSet) -> BackdoorSet:
-        """The whole training split with ``ratio`` of it (drawn with ``seed``) triggered and relabelled."""
+        """The whole training split with ``ratio`` of it (drawn with ``seed`` among the
+        eligible samples) triggered and, unless clean-label, relabelled."""
         n = len(clean)
         gen = torch.Generator().manual_seed(self.seed)
-        chosen = torch.randperm(n, generator=gen)[: int(round(self.ratio * n))]
+        pool = self.eligible(clean)
+        count = min(int(round(self.ratio * n)), len(pool))
+        chosen = pool[torch.randperm(len(pool), generator=gen)[:count]]
         indicator = torch.zeros(n, dtype=torch.int64)
         indicator[chosen] = 1
         images = clean.images.clone()
         labels = clean.labels.clone()
         images[chosen] = self.apply_trigger(clean.images[chosen])
-        labels[chosen] = self.mapping[clean.labels[chosen]]
+        if not self.clean_label:
+            labels[chosen] = self.mapping[clean.labels[chosen]]
         return BackdoorSet(images, labels, torch.arange(n), indicator, clean.labels.clone())
+
+    def training_set(self, bd_train: BackdoorSet):
+        """What the backdoored model is trained on: by default the poisoned split itself."""
+        return bd_train.images, bd_train.labels
 
     def poison_test(self, clean: ImageSet) -> BackdoorSet:
         """Every test sample whose attack label differs from its true label, triggered."""

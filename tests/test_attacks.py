@@ -1,0 +1,127 @@
+"""Every registered attack: trigger pixels checked by hand, poisoning bookkeeping,
+records that round-trip."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pgbd_defense import data as data_mod
+from pgbd_defense.attacks import ATTACKS
+from pgbd_defense.attacks.blended import Blended
+from pgbd_defense.attacks.sig import SIG
+from pgbd_defense.attacks.trojan import TrojanWatermark, watermark_mask
+from pgbd_defense.attacks.wanet import WaNet, identity_grid, warp
+from pgbd_defense.data import ImageSet
+from pgbd_defense.models import build_model
+from pgbd_defense.records import load_attack_record, write_attack_record
+
+
+def _images(n=20, c=1, h=28, w=28, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, c, h, w), generator=gen, dtype=torch.uint8)
+
+
+def _clean(n=100):
+    return ImageSet(_images(n), torch.arange(n) % 10)
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_every_attack_changes_images_deterministically(name):
+    attack = ATTACKS.get(name)(num_classes=10)
+    x = _images()
+    out = attack.apply_trigger(x)
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    assert not torch.equal(out, x)
+    assert torch.equal(out, ATTACKS.get(name)(num_classes=10).apply_trigger(x))
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_poison_test_holds_every_non_target_sample_relabelled(name):
+    clean = _clean()
+    bd = ATTACKS.get(name)(num_classes=10, target=2).poison_test(clean)
+    assert len(bd) == 90 and (bd.original_labels != 2).all() and (bd.labels == 2).all()
+    assert (bd.poison_indicator == 1).all()
+
+
+def test_badnet_square_is_exactly_the_bottom_right_3x3():
+    x = _images()
+    out = ATTACKS.get("badnet")(num_classes=10).apply_trigger(x)
+    assert (out[..., 25:, 25:] == 255).all()
+    mask = torch.ones(28, 28, dtype=torch.bool)
+    mask[25:, 25:] = False
+    assert torch.equal(out[..., mask], x[..., mask])
+
+
+def test_blended_arithmetic_with_a_user_image(tmp_path):
+    Image.fromarray(np.full((10, 10), 200, np.uint8)).save(tmp_path / "t.png")
+    x = torch.full((2, 1, 28, 28), 100, dtype=torch.uint8)
+    out = Blended(num_classes=10, trigger_image=str(tmp_path / "t.png")).apply_trigger(x)
+    assert (out == 120).all()  # 0.8 * 100 + 0.2 * 200
+    with pytest.raises(ValueError, match="cannot read trigger image"):
+        Blended(num_classes=10, trigger_image=str(tmp_path / "missing.png")).apply_trigger(x)
+
+
+def test_blended_default_pattern_arithmetic():
+    x = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+    attack = Blended(num_classes=10)
+    pattern = attack.pattern(x).float()
+    assert torch.equal(attack.apply_trigger(x)[0], (0.2 * pattern).round().to(torch.uint8))
+
+
+def test_sig_adds_the_sinusoid_column_by_column():
+    x = torch.full((1, 1, 4, 28), 100, dtype=torch.uint8)
+    out = SIG(num_classes=10).apply_trigger(x)
+    for j in (0, 1, 5, 27):
+        expected = round(100 + 40 * math.sin(2 * math.pi * j * 6 / 28))
+        assert (out[0, 0, :, j] == expected).all(), j
+
+
+def test_sig_poisons_only_target_class_and_keeps_labels():
+    clean = _clean()
+    bd = SIG(num_classes=10, target=3, ratio=0.05).poison_train(clean)
+    poisoned = bd.poison_indicator == 1
+    assert int(poisoned.sum()) == 5
+    assert (clean.labels[poisoned] == 3).all() and torch.equal(bd.labels, clean.labels)
+    assert not torch.equal(bd.images[poisoned], clean.images[poisoned])
+    with pytest.raises(ValueError, match="all2one"):
+        SIG(num_classes=10, mode="all2all")
+
+
+def test_wanet_identity_at_zero_strength_and_noise_mode():
+    x = _images()
+    assert torch.equal(warp(x, identity_grid(28, 28)), x)
+    assert torch.equal(WaNet(num_classes=10, s=0.0).apply_trigger(x), x)
+    warped = WaNet(num_classes=10).apply_trigger(x)
+    assert 0 < (warped.float() - x.float()).abs().mean() < 40  # a small warp, not a new image
+    clean = _clean()
+    attack = WaNet(num_classes=10, ratio=0.1, cross_ratio=2.0)
+    bd = attack.poison_train(clean)
+    images, labels = attack.training_set(bd)
+    changed = (images != bd.images).flatten(1).any(1)
+    assert int(changed.sum()) <= 20 and int(changed.sum()) >= 15  # 2 x 10 noise samples (a few may round back)
+    assert (bd.poison_indicator[changed] == 0).all() and torch.equal(labels, bd.labels)
+
+
+def test_trojan_watermark_pixels():
+    x = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+    out = TrojanWatermark(num_classes=10).apply_trigger(x)[0, 0]
+    assert torch.equal(out[20:27, 20:27] == 255, watermark_mask(7))
+    assert int((out == 255).sum()) == int(watermark_mask(7).sum())
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+def test_records_round_trip_for_every_attack(tmp_path, tiny_data, name):
+    train = data_mod.load_split("mnist", str(tiny_data), train=True)
+    test = data_mod.load_split("mnist", str(tiny_data), train=False)
+    attack = ATTACKS.get(name)(num_classes=10, target=1, ratio=0.1)
+    bd_train, bd_test = attack.poison_train(train), attack.poison_test(test)
+    folder = tmp_path / "record" / name
+    write_attack_record(folder, model=build_model("preactresnet18", 10, 1, 0.0625), model_name="preactresnet18",
+                        num_classes=10, clean_data="mnist", data_path="", img_size=(28, 28, 1), bd_train=bd_train,
+                        bd_test=bd_test, train_size=len(train), test_size=len(test), save_png=True)
+    rec = load_attack_record(folder, data_root=str(tiny_data))
+    assert torch.equal(rec.bd_test.images, bd_test.images)
+    assert torch.equal(rec.bd_train.images, bd_train.images) and torch.equal(rec.bd_train.labels, bd_train.labels)
