@@ -125,3 +125,21 @@ def test_records_round_trip_for_every_attack(tmp_path, tiny_data, name):
     rec = load_attack_record(folder, data_root=str(tiny_data))
     assert torch.equal(rec.bd_test.images, bd_test.images)
     assert torch.equal(rec.bd_train.images, bd_train.images) and torch.equal(rec.bd_train.labels, bd_train.labels)
+
+
+from .conftest import needs_fashion_mnist  # noqa: E402
+
+
+@needs_fashion_mnist()
+@pytest.mark.slow
+# WaNet's warp is subtle: it needs more of the data than the patch attacks to be learnt.
+@pytest.mark.parametrize("name, min_asr, subset, epochs", [
+    ("badnet", 0.9, 15000, 2), ("blended", 0.9, 15000, 2), ("sig", 0.8, 15000, 2), ("wanet", 0.8, 30000, 3),
+    ("trojan", 0.9, 15000, 2)])
+def test_attack_reaches_high_asr_on_a_fashion_mnist_subset(tmp_path, name, min_asr, subset, epochs):
+    from pgbd_defense.make_record import AttackSettings, build_attack_record
+
+    settings = AttackSettings(attack=name, width=0.125, epochs=epochs, lr=0.02, augment=False, train_subset=subset)
+    metrics = build_attack_record(tmp_path / "record" / name, settings, save_png=False)
+    assert metrics["test_asr"] >= min_asr, metrics
+    assert metrics["test_acc"] >= 0.75, metrics
