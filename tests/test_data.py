@@ -11,7 +11,7 @@ from pgbd_defense import data as data_mod
 from pgbd_defense.batches import Normalizer, random_crop_flip
 from pgbd_defense.data import DataNotFoundError, read_idx
 
-from .conftest import FASHION_MNIST, needs_fashion_mnist, write_idx
+from .conftest import needs_fashion_mnist, write_idx
 
 
 def test_idx_round_trip_and_truncation(tmp_path):

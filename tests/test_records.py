@@ -4,7 +4,6 @@ genuine BackdoorBench record in ../shared."""
 import os
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
