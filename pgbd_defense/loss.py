@@ -2,8 +2,18 @@
 
 For a clean sample (x, c) with a PAV V_c, the prototype loss L_p = ||f(x) - P_c||^2
 has the activation gradient g = 2 (f(x) - P_c) in closed form, so
-L_s = cos(g, V_c) (form ``cos``, the paper) or |cos(g, V_c)| (``abs_cos``, the
-authors' release) is a differentiable function of the activations the batch
+L_s is one of
+
+- ``cos``: cos(g, V_c), the paper's form. Minimizing it turns g against V_c, which
+  also rewards pushing every sample *away* from the target: the loss keeps falling
+  (to -1 per sample) however far the features are driven, a degenerate minimum
+  that can collapse the model to one class at larger learning rates.
+- ``abs_cos``: |cos(g, V_c)|, the authors' release: makes g orthogonal to V_c.
+- ``relu_cos``: max(cos(g, V_c), 0), a hinge: it penalizes only a deviation that
+  points towards the target and has zero gradient once it points away, so it has
+  no reward for running off in the opposite direction.
+
+Each is a differentiable function of the activations the batch
 forward pass already produced: no per-sample passes and no second-order autograd.
 With BatchNorm frozen (eval mode), a sample's activation does not depend on the
 rest of its batch, so this equals the per-sample computation exactly;
@@ -18,7 +28,7 @@ import torch.nn.functional as F
 
 from .prototypes import capture
 
-FORMS = ("cos", "abs_cos")
+FORMS = ("cos", "abs_cos", "relu_cos")
 _EPS = 1e-8
 REDUCTIONS = ("sum", "mean")
 
@@ -31,7 +41,11 @@ def _check(form: str, reduction: str) -> None:
 
 
 def _shaped(cos: torch.Tensor, form: str) -> torch.Tensor:
-    return cos.abs() if form == "abs_cos" else cos
+    if form == "abs_cos":
+        return cos.abs()
+    if form == "relu_cos":
+        return cos.clamp_min(0.0)
+    return cos
 
 
 def sanitization_loss(acts: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor,
@@ -45,7 +59,7 @@ def sanitization_loss(acts: torch.Tensor, labels: torch.Tensor, prototypes: torc
         prototypes: (K, D) P_c, constants.
         pavs: (K, D) V_c, constants.
         active: (K,) bool, classes that get the term (not the target, PAV known).
-        form: ``cos`` or ``abs_cos``.
+        form: ``cos``, ``abs_cos`` or ``relu_cos``.
         reduction: ``sum`` over the batch (the release) or ``mean`` (sum / B).
     """
     _check(form, reduction)

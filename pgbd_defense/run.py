@@ -1,7 +1,9 @@
-"""One command: make (or reuse) a backdoored model's record, defend it with PGBD,
-and write the defense folder BackdoorBench-style.
+"""One command: make (or reuse) a backdoored model's record, defend it with PGBD (or a
+baseline: ``--defense ft|nad|i-bau|ft-sam|nt-pgbd``), and write the defense folder
+BackdoorBench-style.
 
     python -m pgbd_defense.run --attack badnet --dataset fashion-mnist
+    python -m pgbd_defense.run --attack badnet --dataset fashion-mnist --defense nad
     python -m pgbd_defense.run --record record/badnet_0_1 --data-root data/mnist
     python -m pgbd_defense.run --preset paper --dataset cifar10 --data-root ~/data --device cuda
 """
@@ -28,7 +30,8 @@ from .data import DataNotFoundError
 from .make_record import AttackSettings, build_attack_record, record_name
 from .metrics import DEM, dem, evaluate
 from .models import MODELS, ModelMismatchError
-from .pgbd import NonFiniteLossError, PGBDConfig, ResumeMismatchError, pgbd_finetune
+from .defenses import DEFENSES, build_method
+from .finetune import NonFiniteLossError, ResumeMismatchError, Selection, finetune, split_validation
 from .prototypes import LayerNotFoundError, last_conv_name, find_layer
 from .records import AttackRecord, RecordError, load_attack_record, write_defense_result
 from .registry import UnknownNameError
@@ -64,6 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attack-epochs", type=int)
     g.add_argument("--attack-train-subset", type=int, help="train the backdoored model on this many samples (0: all)")
     g.add_argument("--trigger-image", help="blended: blend this image instead of our generated pattern")
+    g = p.add_argument_group("defense")
+    g.add_argument("--defense", help=f"which defense ({', '.join(DEFENSES.names())}; default pgbd)")
+    g.add_argument("--val-share", dest="val_share", type=float,
+                   help="share of the clean subset held out to select the epoch (default 0.1; 0: keep the last)")
+    g.add_argument("--select", choices=["best", "last"], help="epoch returned: best held-out clean accuracy, or last")
+    g.add_argument("--collapse-margin", dest="collapse_margin", type=float,
+                   help="stop when held-out clean accuracy falls this far below its start (0-1; 0: off)")
+    g.add_argument("--optimizer", choices=["sgd", "adam"])
+    g.add_argument("--te-epochs", dest="te_epochs", type=int, help="NAD: epochs that make the teacher")
+    g.add_argument("--rho", type=float, help="FT-SAM: neighbourhood radius")
     g = p.add_argument_group("PGBD")
     g.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
                    help=f"defaults to start from (default {DEFAULT_PRESET}; 'paper' = the paper's settings)")
@@ -72,7 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "poisoned test set), a class index, or 'all2all'")
     g.add_argument("--layer", help="named module whose activations PGBD manipulates (default: last conv)")
     g.add_argument("--lambda", dest="lambda", type=float, help="weight of the sanitization loss")
-    g.add_argument("--loss-form", dest="loss_form", choices=["cos", "abs_cos"])
+    g.add_argument("--loss-form", dest="loss_form", choices=["cos", "abs_cos", "relu_cos"])
+    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=int, help="ramp lambda up over N epochs (0: off)")
+    g.add_argument("--cycle", type=int, help="NT-PGBD: epochs per assumed target")
+    g.add_argument("--nt-classes", dest="nt_classes", type=lambda v: [int(c) for c in v.split(",") if c],
+                   help="NT-PGBD: comma-separated classes to cycle through, in order (default: all)")
     g.add_argument("--reduction", choices=["sum", "mean"])
     g.add_argument("--clusters", type=int)
     g.add_argument("--update-gap", dest="update_gap", type=int, help="re-estimate prototypes every N epochs (0: never)")
@@ -94,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-every", dest="eval_every", type=int, help="evaluate on the test sets every N epochs")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cpu")
-    g.add_argument("--defense-name", default="pgbd", help="folder name under <record>/defense/ (default pgbd)")
+    g.add_argument("--defense-name", help="folder name under <record>/defense/ (default: the defense's name)")
     g.add_argument("--overwrite", action="store_true", help="replace results already in the defense folder")
     g.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last finished epoch (same settings)")
@@ -107,7 +124,8 @@ CLI_KEYS = ["attack", "dataset", "model", "width", "pratio", "attack_target", "a
             "attack_train_subset", "trigger_image",
             "target", "layer", "lambda", "loss_form", "reduction", "clusters", "update_gap", "alpha", "lr", "epochs",
             "batch_size", "ratio", "index", "random_seed", "eval_every", "grad_clip", "freeze_bn", "augment",
-            "lr_scheduler", "proto_memory_mb"]
+            "lr_scheduler", "proto_memory_mb", "val_share", "select", "collapse_margin", "optimizer", "te_epochs",
+            "rho", "warmup_epochs", "cycle", "nt_classes"]
 
 
 def resolve_targets(spec: Any, record: AttackRecord) -> torch.Tensor:
@@ -151,6 +169,10 @@ def _fmt_table(before: Dict[str, float], after: Dict[str, float], dem_value: flo
 
     return "\n".join([f"{'':<10}{'CA':>7} {'ASR':>7} {'RA':>7}  DEM", row("poisoned", before, "-"),
                       row(name, after, f"{dem_value:.3f}")])
+
+
+def _pct(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def environment() -> Dict[str, str]:
@@ -205,7 +227,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 def _run(args) -> int:
     cli = {k: getattr(args, k, None) for k in CLI_KEYS}
-    cfg = merge(args.preset, read_yaml(args.config), cli)
+    yaml_values = read_yaml(args.config)
+    defense = args.defense or yaml_values.pop("defense", None) or "pgbd"
+    DEFENSES.get(defense)  # an unknown name fails before any work
+    args.defense = defense
+    args.defense_name = args.defense_name or defense
+    cfg = merge(args.preset, yaml_values, cli, defense=defense)
     record_dir = obtain_record(cfg, args)
     # Load and validate everything before the first byte is written for this defense.
     record = load_attack_record(record_dir, data_root=args.data_root, trust=args.trust_record, device=args.device)
@@ -231,52 +258,67 @@ def _defend(args, cfg, record: AttackRecord, record_dir: Path, out: Path) -> int
     indices = read_index(Path(cfg["index"]), n_train) if cfg["index"] else \
         draw_clean_subset(n_train, cfg["ratio"], cfg["random_seed"])
     clean = data_mod.ImageSet(record.clean_train.images[indices], record.clean_train.labels[indices])
-    pgbd_cfg = PGBDConfig(layer=layer, lam=cfg["lambda"], form=cfg["loss_form"], reduction=cfg["reduction"],
-                          clusters=cfg["clusters"], lr=cfg["lr"], momentum=cfg["sgd_momentum"],
-                          weight_decay=cfg["wd"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
-                          freeze_bn=cfg["freeze_bn"], augment=cfg["augment"], update_gap=cfg["update_gap"],
-                          alpha=cfg["alpha"], grad_clip=cfg["grad_clip"], lr_scheduler=cfg["lr_scheduler"],
-                          proto_memory_mb=cfg["proto_memory_mb"], seed=cfg["random_seed"])
-    log.info("record %s: %s, %d classes, targets %s; clean subset %d samples; layer %s", record_dir,
-             record.model_name, record.num_classes, targets.tolist(), len(clean), layer)
+    selection = Selection(val_share=cfg["val_share"], select=cfg["select"], collapse_margin=cfg["collapse_margin"])
+    train, val = split_validation(clean, selection.val_share, cfg["random_seed"])
+    method = build_method(args.defense, cfg, targets, layer)
+    log.info("record %s: %s, %d classes, targets %s; clean subset %d samples (%d train, %d held out); "
+             "defense %s; layer %s", record_dir, record.model_name, record.num_classes, targets.tolist(), len(clean),
+             len(train), len(val) if val is not None else 0, args.defense, layer)
     before = evaluate(record.model, record.clean_test, record.bd_test, normalize, device=args.device)
     log.info("poisoned model: CA %.4f ASR %.4f RA %.4f", before["test_acc"], before["test_asr"], before["test_ra"])
     if before["test_asr"] == 0 or before["test_acc"] == 0:
         log.warning("the record's model shows no backdoor (ASR %.4f) or no accuracy (CA %.4f): DEM is undefined "
                     "and will be reported as NaN", before["test_asr"], before["test_acc"])
     eval_every = max(1, int(cfg["eval_every"]))
+    epochs = method.cfg.epochs
 
     def on_epoch_end(epoch: int, stats: Dict[str, float]) -> Dict[str, float]:
-        row = {"epoch": epoch, "batch": -(-len(clean) // pgbd_cfg.batch_size) - 1}
-        if (epoch + 1) % eval_every == 0 or epoch + 1 == pgbd_cfg.epochs:
+        # Test-set numbers are logged for the per-epoch table only: selection never sees them.
+        row = {"epoch": epoch, "batch": -(-len(train) // method.cfg.batch_size) - 1}
+        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
             row.update(evaluate(record.model, record.clean_test, record.bd_test, normalize, device=args.device))
-            log.info("epoch %d: loss %.4f CA %.4f ASR %.4f RA %.4f", epoch + 1, stats["train_epoch_loss_avg_over_batch"],
-                     row["test_acc"], row["test_asr"], row["test_ra"])
+            log.info("epoch %d: loss %.4f held-out %s CA %.4f ASR %.4f RA %.4f", epoch + 1,
+                     stats["train_epoch_loss_avg_over_batch"], _pct(stats.get("val_acc")), row["test_acc"],
+                     row["test_asr"], row["test_ra"])
         return row
 
     checkpoint = out / "checkpoint" / "last.pt"
     if checkpoint.is_file() and not args.resume:
         log.warning("%s holds an interrupted run; starting over (pass --resume to continue it instead)", checkpoint)
     try:
-        rows = pgbd_finetune(record.model, clean, targets, normalize, pgbd_cfg, hflip=info.hflip, device=args.device,
-                             on_epoch_end=on_epoch_end, checkpoint=checkpoint, resume=args.resume)
+        result = finetune(record.model, method, train, normalize, val=val, selection=selection, hflip=info.hflip,
+                          device=args.device, on_epoch_end=on_epoch_end, checkpoint=checkpoint, resume=args.resume,
+                          fingerprint=targets.tolist())
     except KeyboardInterrupt:
         log.error("interrupted: every finished epoch is saved in %s; rerun the same command with --resume "
                   "to continue", checkpoint)
         raise
-    after = rows[-1]
+    rows = result.history
+    if result.selected_epoch == len(rows) - 1 and "test_acc" in rows[-1]:
+        after = rows[-1]
+    else:
+        after = evaluate(record.model, record.clean_test, record.bd_test, normalize, device=args.device)
+    for note in result.notes:
+        log.warning("%s", note)
+    log.info("selected epoch %d of %d (%s)", result.selected_epoch + 1, len(rows),
+             "collapse guard" if result.collapsed else selection.select if val is not None else "last")
     d = dem(before["test_acc"], before["test_asr"], after["test_acc"], after["test_asr"]) \
         if before["test_asr"] > 0 and before["test_acc"] > 0 else DEM(math.nan, math.nan)
     summary = {
-        "attack": record.raw.get("attack", record.name), "dataset": record.clean_data, "defense": args.defense_name,
+        "attack": record.raw.get("attack", record.name), "dataset": record.clean_data, "defense": args.defense,
         "ca_poisoned": before["test_acc"], "asr_poisoned": before["test_asr"], "ra_poisoned": before["test_ra"],
         "ca": after["test_acc"], "asr": after["test_asr"], "ra": after["test_ra"], "dem": d.value,
         "delta_c": d.delta_c, "delta_a": d.delta_a, "seconds": round(time.time() - started, 1),
-        "record": str(record_dir), "clean_samples": len(clean), "seed": cfg["random_seed"],
-        "environment": environment(),
+        "record": str(record_dir), "clean_samples": len(clean), "train_samples": len(train),
+        "val_samples": len(val) if val is not None else 0, "selected_epoch": result.selected_epoch,
+        "epochs_run": len(rows), "collapsed": result.collapsed, "val_acc_before": result.val_acc_before,
+        "val_acc_selected": rows[result.selected_epoch].get("val_acc") if result.selected_epoch >= 0 else
+        result.val_acc_before, "seed": cfg["random_seed"], "environment": environment(),
     }
     write_defense_result(out, record.model, record.model_name, record.num_classes)
     write_epoch_tables(out, args.defense_name, rows)
+    if getattr(method, "teacher_history", None):  # NAD's teacher, as BackdoorBench writes nad_te_df.csv
+        write_epoch_tables(out, f"{args.defense_name}_te", method.teacher_history)
     write_index(out, indices)
     write_summary(out, summary, {**cfg, "layer": layer, "preset": args.preset, "device": args.device})
     checkpoint.unlink(missing_ok=True)  # the results above supersede it

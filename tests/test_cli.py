@@ -49,7 +49,7 @@ def test_defense_folder_has_backdoorbench_files(record, capsys):
     for key in ("attack", "dataset", "defense", "ca_poisoned", "asr_poisoned", "ra_poisoned", "ca", "asr", "ra",
                 "dem", "seconds"):
         assert key in summary
-    assert summary["ca"] == pytest.approx(df["test_acc"].iloc[-1])
+    assert summary["ca"] == pytest.approx(df["test_acc"].iloc[summary["selected_epoch"]])
     assert summary["asr"] == pytest.approx(df["test_asr"].iloc[-1])
     assert len((out / "index.txt").read_text().split()) == 60  # 50% of 120
     assert load_defense_result(out)["model_name"] == "preactresnet18"

@@ -53,7 +53,7 @@ MODELS = [
 ]
 
 
-@pytest.mark.parametrize("form", ["cos", "abs_cos"])
+@pytest.mark.parametrize("form", ["cos", "abs_cos", "relu_cos"])
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("model_idx", [0, 1])
 def test_batched_loss_matches_per_sample_autograd_reference(form, reduction, model_idx):
@@ -83,6 +83,31 @@ def test_cos_is_the_cosine_of_the_deviation_with_the_pav():
     assert sanitization_loss(acts, labels, protos, pavs, active, "cos", "sum").item() == pytest.approx(expected_cos)
     assert sanitization_loss(acts, labels, protos, pavs, active, "abs_cos", "sum").item() == pytest.approx(expected_abs)
     assert sanitization_loss(acts, labels, protos, pavs, active, "cos", "mean").item() == pytest.approx(expected_cos / 3)
+    # The hinge keeps only the sample that moves towards the target.
+    assert sanitization_loss(acts, labels, protos, pavs, active, "relu_cos", "sum").item() == pytest.approx(5 ** -0.5)
+
+
+def _hand_cos_grad(a, p, v):
+    """d cos(2(a - p), v) / d a, written out: 2 * (v / (|g||v|) - cos * g / |g|^2)."""
+    g = 2 * (a - p)
+    cos = g @ v / (g.norm() * v.norm())
+    return 2 * (v / (g.norm() * v.norm()) - cos * g / g.norm() ** 2)
+
+
+@pytest.mark.parametrize("form", ["cos", "abs_cos", "relu_cos"])
+def test_gradients_of_each_form_match_the_hand_derivation(form):
+    protos = torch.tensor([[0.0, 0.0], [1.0, 0.0]])
+    pavs, active = pure_pavs(protos, torch.tensor([0, 0]))  # V_1 = (-1, 0)
+    away = torch.tensor([3.0, 0.5])   # g points away from the target: cos < 0
+    toward = torch.tensor([0.0, 2.0])  # cos = 1/sqrt(5) > 0
+    acts = torch.stack([away, toward]).requires_grad_()
+    sanitization_loss(acts, torch.tensor([1, 1]), protos, pavs, active, form, "sum").backward()
+    v = pavs[1]
+    sign_away = {"cos": 1.0, "abs_cos": -1.0, "relu_cos": 0.0}[form]
+    assert torch.allclose(acts.grad[0], sign_away * _hand_cos_grad(away, protos[1], v), atol=1e-6)
+    assert torch.allclose(acts.grad[1], _hand_cos_grad(toward, protos[1], v), atol=1e-6)
+    if form == "relu_cos":  # no gradient at all for a sample already moving away from the target
+        assert torch.all(acts.grad[0] == 0)
 
 
 def test_batch_of_target_class_only_gives_zero_loss_with_a_graph():

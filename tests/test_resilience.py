@@ -69,16 +69,16 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_numbers(record):
 def test_resume_with_other_settings_is_refused(record, caplog, monkeypatch):
     cli = _cli(record, "r")
     cli[cli.index("--epochs") + 1] = "2"
-    import pgbd_defense.pgbd as pgbd_module
-    real = pgbd_module.atomic_torch_save
+    import pgbd_defense.finetune as loop_module
+    real = loop_module.atomic_torch_save
 
     def save_then_interrupt(obj, path):  # Ctrl-C right after the first epoch's checkpoint
         real(obj, path)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pgbd_module, "atomic_torch_save", save_then_interrupt)
+    monkeypatch.setattr(loop_module, "atomic_torch_save", save_then_interrupt)
     assert main(cli) == 130
-    monkeypatch.setattr(pgbd_module, "atomic_torch_save", real)
+    monkeypatch.setattr(loop_module, "atomic_torch_save", real)
     assert (record[0] / "defense" / "r" / "checkpoint" / "last.pt").is_file()
     assert "--resume" in caplog.text
     assert main([*cli, "--resume", "--lr", "0.5"]) == 2

@@ -1,0 +1,72 @@
+"""Every defense the command line runs, by BackdoorBench's names, built from the flat
+settings dictionary of ``config.py``. Each entry returns a :class:`Method` of the
+shared loop, so PGBD and the baselines get the same data, budget, selection rule
+and output files."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+
+from .baselines.ftsam import FTSAMConfig, FTSAMMethod
+from .baselines.ibau import IBAUConfig, IBAUMethod
+from .baselines.nad import NADConfig, NADMethod
+from .finetune import LoopConfig, Method
+from .pgbd import PGBDConfig, PGBDMethod
+from .registry import Registry
+
+DEFENSES: Registry = Registry("defense")
+
+
+def loop_settings(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    return {"lr": cfg["lr"], "momentum": cfg["sgd_momentum"], "weight_decay": cfg["wd"], "epochs": cfg["epochs"],
+            "batch_size": cfg["batch_size"], "optimizer": cfg["optimizer"], "freeze_bn": cfg["freeze_bn"],
+            "augment": cfg["augment"], "grad_clip": cfg["grad_clip"], "lr_scheduler": cfg["lr_scheduler"],
+            "seed": cfg["random_seed"]}
+
+
+def _pgbd_config(cfg: Dict[str, Any], layer: str, variant: str) -> PGBDConfig:
+    return PGBDConfig(**loop_settings(cfg), layer=layer, lam=cfg["lambda"], form=cfg["loss_form"],
+                      reduction=cfg["reduction"], warmup_epochs=cfg["warmup_epochs"], clusters=cfg["clusters"],
+                      update_gap=cfg["update_gap"], alpha=cfg["alpha"], variant=variant, cycle=cfg["cycle"],
+                      nt_classes=tuple(cfg["nt_classes"] or ()), proto_memory_mb=cfg["proto_memory_mb"])
+
+
+@DEFENSES.register("pgbd")
+def _pgbd(cfg: Dict[str, Any], targets: torch.Tensor, layer: str) -> Method:
+    return PGBDMethod(_pgbd_config(cfg, layer, "pgbd"), targets, layer)
+
+
+@DEFENSES.register("nt-pgbd")
+def _nt_pgbd(cfg: Dict[str, Any], targets: torch.Tensor, layer: str) -> Method:
+    return PGBDMethod(_pgbd_config(cfg, layer, "nt"), targets, layer)
+
+
+@DEFENSES.register("ft")
+def _ft(cfg: Dict[str, Any], targets: torch.Tensor, layer: str) -> Method:
+    return Method(LoopConfig(**loop_settings(cfg)))
+
+
+@DEFENSES.register("nad")
+def _nad(cfg: Dict[str, Any], targets: torch.Tensor, layer: str) -> Method:
+    return NADMethod(NADConfig(**loop_settings(cfg), te_epochs=cfg["te_epochs"], betas=tuple(cfg["betas"]),
+                               p=cfg["p"], layers=tuple(cfg["nad_layers"])))
+
+
+@DEFENSES.register("ft-sam")
+def _ftsam(cfg: Dict[str, Any], targets: torch.Tensor, layer: str) -> Method:
+    return FTSAMMethod(FTSAMConfig(**loop_settings(cfg), rho=cfg["rho"], adaptive=cfg["adaptive"],
+                                   label_smoothing=cfg["label_smoothing"]))
+
+
+@DEFENSES.register("i-bau")
+def _ibau(cfg: Dict[str, Any], targets: torch.Tensor, layer: str) -> Method:
+    return IBAUMethod(IBAUConfig(**loop_settings(cfg), inner_steps=cfg["inner_steps"], inner_lr=cfg["inner_lr"],
+                                 eps=cfg["pert_norm"], fixed_point_iters=cfg["K"]))
+
+
+def build_method(name: str, cfg: Dict[str, Any], targets: torch.Tensor, layer: str) -> Method:
+    method = DEFENSES.get(name)(cfg, targets, layer)
+    method.name = name
+    return method

@@ -1,0 +1,359 @@
+"""The fine-tuning loop every defense here shares, and defender-realistic model selection.
+
+A defense is a :class:`Method`: what it prepares before the first epoch (prototypes,
+a teacher), what it changes at the start of an epoch, and how it updates the model on
+one batch. The loop owns everything else, identically for PGBD and the baselines:
+optimizer and schedule, data order, BatchNorm mode, per-epoch statistics, the
+checkpoint that makes a killed run resumable, and the choice of which epoch's model
+to return.
+
+Selection uses clean data only. The defender holds D_S and nothing else, so a share
+of D_S is held out (``split_validation``); its accuracy is measured after every
+epoch, training stops when it falls more than ``collapse_margin`` below the
+accuracy the model had before fine-tuning (collapse guard), and the epoch with the
+best held-out accuracy is returned. Poisoned data never reaches this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, ContextManager, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .atomic import atomic_torch_save
+from .batches import Normalizer, iterate
+from .data import ImageSet
+from .progress import progress
+from .safe_pickle import safe_torch_load
+
+log = logging.getLogger(__name__)
+
+LR_SCHEDULERS = ("constant", "cosine")
+OPTIMIZERS = ("sgd", "adam")
+SELECTIONS = ("best", "last")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the message names the epoch and batch."""
+
+
+class ResumeMismatchError(ValueError):
+    """A checkpoint made with other settings or another clean subset than this run's."""
+
+
+@dataclass
+class LoopConfig:
+    """Settings of the shared loop (every defense's config extends this).
+
+    Attributes:
+        lr, momentum, weight_decay, epochs, batch_size: the optimizer and budget.
+        optimizer: ``sgd`` (with momentum) or ``adam`` (I-BAU's choice).
+        freeze_bn: keep the model in eval mode while fine-tuning (BatchNorm statistics frozen).
+        augment: BackdoorBench's train augmentation (random crop, flip where the data allows).
+        grad_clip: clip the global gradient norm to this value (0: off).
+        lr_scheduler: ``constant`` or ``cosine`` (annealed to 0 over all batches).
+        seed: data order and augmentation.
+    """
+
+    lr: float = 1e-2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    freeze_bn: bool = False
+    augment: bool = False
+    grad_clip: float = 0.0
+    lr_scheduler: str = "cosine"
+    seed: int = 0
+
+    def problems(self) -> List[str]:
+        found = []
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                found.append(f"{name}={getattr(self, name)} (must be >= 1)")
+        if self.lr <= 0:
+            found.append(f"lr={self.lr} (must be > 0)")
+        if self.grad_clip < 0:
+            found.append(f"grad_clip={self.grad_clip} (must be >= 0)")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            found.append(f"lr_scheduler={self.lr_scheduler!r} (choose {', '.join(LR_SCHEDULERS)})")
+        if self.optimizer not in OPTIMIZERS:
+            found.append(f"optimizer={self.optimizer!r} (choose {', '.join(OPTIMIZERS)})")
+        return found
+
+    def __post_init__(self):
+        found = self.problems()
+        if found:
+            raise ValueError(f"invalid {type(self).__name__} settings: " + "; ".join(found))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Selection:
+    """Which epoch's model a run returns, judged on held-out clean data only.
+
+    Attributes:
+        val_share: share of D_S held out for validation (0: no validation, keep the last epoch).
+        select: ``best`` (highest held-out accuracy over the epochs) or ``last``.
+        collapse_margin: stop when held-out accuracy falls more than this (absolute, 0-1)
+            below the model's accuracy before fine-tuning (0: guard off).
+    """
+
+    val_share: float = 0.1
+    select: str = "best"
+    collapse_margin: float = 0.2
+
+    def __post_init__(self):
+        found = []
+        if not 0 <= self.val_share < 1:
+            found.append(f"val_share={self.val_share} (must lie in [0, 1))")
+        if self.select not in SELECTIONS:
+            found.append(f"select={self.select!r} (choose {', '.join(SELECTIONS)})")
+        if not 0 <= self.collapse_margin <= 1:
+            found.append(f"collapse_margin={self.collapse_margin} (must lie in [0, 1])")
+        if found:
+            raise ValueError("invalid selection settings: " + "; ".join(found))
+
+
+def split_validation(clean: ImageSet, share: float, seed: int):
+    """(train, validation) with ``share`` of each class held out (at least one sample of
+    a class with two or more), so validation accuracy covers every class."""
+    if share <= 0:
+        return clean, None
+    gen = torch.Generator().manual_seed(seed + 7919)
+    held = []
+    for c in torch.unique(clean.labels).tolist():
+        idx = torch.nonzero(clean.labels == c).flatten()
+        if len(idx) < 2:
+            continue
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        held.append(idx[: max(1, int(round(share * len(idx))))])
+    if not held:
+        return clean, None
+    held_idx = torch.cat(held).sort().values
+    keep = torch.ones(len(clean), dtype=torch.bool)
+    keep[held_idx] = False
+    return (ImageSet(clean.images[keep], clean.labels[keep]),
+            ImageSet(clean.images[held_idx], clean.labels[held_idx]))
+
+
+@torch.no_grad()
+def clean_accuracy(model: torch.nn.Module, data: ImageSet, normalize: Normalizer, device: str = "cpu",
+                   batch_size: int = 512) -> float:
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for x, y, _ in iterate(data.images, data.labels, batch_size, normalize, device=device):
+        correct += int((model(x).argmax(1) == y).sum())
+    model.train(was_training)
+    return correct / max(len(data), 1)
+
+
+class Method:
+    """One defense's part of the loop. The base class is plain fine-tuning (FT)."""
+
+    name = "ft"
+
+    def __init__(self, cfg: LoopConfig):
+        self.cfg = cfg
+
+    def start(self, model, train: ImageSet, normalize: Normalizer, hflip: bool, device: str) -> None:
+        """Work before the first epoch (not repeated on resume: its result is in ``state_dict``)."""
+
+    def begin_epoch(self, epoch: int, model, train: ImageSet, normalize: Normalizer, device: str) -> None:
+        """Per-epoch changes (re-estimated prototypes, NT-PGBD's target cycling)."""
+
+    def hooks(self, model) -> ContextManager:
+        """Forward hooks active during an epoch's updates; their store is passed to ``step``."""
+        return contextlib.nullcontext({})
+
+    def step(self, model, x: torch.Tensor, y: torch.Tensor, store: dict, opt, epoch: int) -> Dict[str, float]:
+        """Update the model on one batch; return statistics (``loss`` and ``logits`` at least)."""
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        apply_update(model, opt, loss, self.cfg.grad_clip)
+        return {"loss": loss.detach(), "ce": loss.detach(), "logits": logits.detach()}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict, model, device: str) -> None:
+        """Restore what ``state_dict`` saved; ``model`` is the model being fine-tuned."""
+
+
+@contextlib.contextmanager
+def bn_stats_frozen(model: torch.nn.Module):
+    """Extra forward passes (SAM's second pass, I-BAU's inner steps) use batch statistics
+    in train mode but must not move BatchNorm's running statistics."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+
+
+def apply_update(model, opt, loss: torch.Tensor, grad_clip: float) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+
+
+def make_optimizer(model, cfg: LoopConfig):
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class FinetuneResult:
+    history: List[Dict[str, float]]
+    selected_epoch: int  # 0-based; -1: the model before fine-tuning
+    collapsed: bool = False
+    val_acc_before: Optional[float] = None
+    notes: List[str] = field(default_factory=list)
+
+
+EpochCallback = Callable[[int, Dict[str, float]], Optional[Dict[str, float]]]
+
+
+def finetune(model: torch.nn.Module, method: Method, train: ImageSet, normalize: Normalizer, *,
+             val: Optional[ImageSet] = None, selection: Selection = Selection(val_share=0.0), hflip: bool = False,
+             device: str = "cpu", on_epoch_end: Optional[EpochCallback] = None,
+             checkpoint: Optional[Path] = None, resume: bool = False, fingerprint: Optional[list] = None,
+             ) -> FinetuneResult:
+    """Fine-tune ``model`` in place with ``method``; leaves the selected epoch's weights in it.
+
+    ``on_epoch_end(epoch, stats)`` runs after each epoch (test evaluation, logging: it
+    cannot influence selection); a dict it returns is merged into that epoch's row.
+    With ``checkpoint`` the whole loop state is saved atomically after every epoch and
+    ``resume=True`` continues from it to the same numbers as an uninterrupted run."""
+    cfg = method.cfg
+    model.to(device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = make_optimizer(model, cfg)
+    n_batches = math.ceil(len(train) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * n_batches) \
+        if cfg.lr_scheduler == "cosine" else None
+    identity = {"method": method.name, "config": cfg.to_dict(), "selection": asdict(selection),
+                "fingerprint": (fingerprint or []) + _fingerprint(train) + (_fingerprint(val) if val else [])}
+    history: List[Dict[str, float]] = []
+    first_epoch, best_acc, best_epoch, best_state, collapsed = 0, -1.0, -1, None, False
+    val_before = clean_accuracy(model, val, normalize, device) if val is not None else None
+    initial_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if val is not None else None
+    if resume and checkpoint is not None and Path(checkpoint).is_file():
+        saved = safe_torch_load(checkpoint)
+        if saved.get("identity") != identity:
+            raise ResumeMismatchError(
+                f"{checkpoint} was made with other settings or another clean subset; rerun without --resume "
+                "to start over (it will be replaced), or with the settings it was made with")
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(saved["scheduler"])
+        gen.set_state(saved["generator"])
+        method.load_state_dict(saved["method"], model, device)
+        history = list(saved["history"])
+        best_acc, best_epoch, best_state = saved["best_acc"], saved["best_epoch"], saved["best_state"]
+        val_before, initial_state = saved["val_before"], saved["initial_state"]
+        first_epoch = int(saved["epoch"]) + 1
+        log.info("resuming from %s after epoch %d", checkpoint, first_epoch)
+    else:
+        method.start(model, train, normalize, hflip, device)
+    for epoch in range(first_epoch, cfg.epochs):
+        method.begin_epoch(epoch, model, train, normalize, device)
+        stats = _train_epoch(model, method, train, normalize, opt, sched, gen, epoch, hflip, device)
+        if val is not None:
+            stats["val_acc"] = clean_accuracy(model, val, normalize, device)
+            if stats["val_acc"] > best_acc:
+                best_acc, best_epoch = stats["val_acc"], epoch
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            if selection.collapse_margin and stats["val_acc"] < val_before - selection.collapse_margin:
+                collapsed = True
+        extra = on_epoch_end(epoch, stats) if on_epoch_end is not None else None
+        history.append({**stats, **(extra or {})})
+        if checkpoint is not None:
+            atomic_torch_save({
+                "epoch": epoch, "identity": identity,
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
+                "generator": gen.get_state(), "method": method.state_dict(), "history": history,
+                "best_acc": best_acc, "best_epoch": best_epoch, "best_state": best_state, "val_before": val_before,
+                "initial_state": initial_state,
+            }, checkpoint)
+        if collapsed:
+            log.warning("collapse guard: held-out clean accuracy fell to %.4f at epoch %d (%.4f before "
+                        "fine-tuning, margin %.2f); stopping", stats["val_acc"], epoch + 1, val_before,
+                        selection.collapse_margin)
+            break
+    result = FinetuneResult(history, selected_epoch=len(history) - 1, collapsed=collapsed, val_acc_before=val_before)
+    if val is not None and (selection.select == "best" or collapsed):
+        if best_state is not None and best_acc >= val_before - selection.collapse_margin:
+            model.load_state_dict(best_state)
+            result.selected_epoch = best_epoch
+        elif collapsed:
+            # No epoch stayed above the guard: nothing fine-tuned is usable, so the model is
+            # returned as it came (still backdoored) and the run says so.
+            model.load_state_dict(initial_state)
+            result.selected_epoch = -1
+            result.notes.append("every epoch fell below the collapse guard: the model is returned unchanged; "
+                                "lower the learning rate")
+    model.eval()
+    return result
+
+
+def _train_epoch(model, method: Method, train, normalize, opt, sched, gen, epoch, hflip, device):
+    cfg = method.cfg
+    model.train(not cfg.freeze_bn)
+    sums: Dict[str, float] = {}
+    correct = seen = 0
+    n_batches = math.ceil(len(train) / cfg.batch_size)
+    batches = iterate(train.images, train.labels, cfg.batch_size, normalize, shuffle=True,
+                      augment=cfg.augment, hflip=hflip, generator=gen, device=device)
+    with method.hooks(model) as store:
+        for b, (x, y, _) in enumerate(progress(batches, total=n_batches, desc=f"{method.name} epoch "
+                                                                             f"{epoch + 1}/{cfg.epochs}")):
+            out = method.step(model, x, y, store, opt, epoch)
+            loss = out.pop("loss")
+            if not torch.isfinite(loss):
+                detail = ", ".join(f"{k} {float(v):.4g}" for k, v in out.items() if k != "logits")
+                raise NonFiniteLossError(f"{method.name}: loss is {loss.item()} at epoch {epoch + 1}, batch {b + 1} "
+                                         f"({detail}); lower the learning rate")
+            if sched is not None:
+                sched.step()
+            logits = out.pop("logits")
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+    model.eval()
+    row = {"train_epoch_loss_avg_over_batch": sums.pop("loss") / n_batches}
+    row.update({f"train_{k}_avg_over_batch": v / n_batches for k, v in sums.items()})
+    row["train_acc"] = correct / max(seen, 1)
+    return row
+
+
+def _fingerprint(data: ImageSet) -> List[int]:
+    """Cheap identity of a data subset, to refuse resuming another run's checkpoint."""
+    return [len(data), int(data.labels.sum()), int(data.images[:, :, ::7, ::7].sum())]
+
+
+def snapshot(model: torch.nn.Module) -> torch.nn.Module:
+    """An independent copy (NAD's teacher, tests)."""
+    return copy.deepcopy(model)
