@@ -1,0 +1,104 @@
+"""The baselines' own terms against hand computation, and each one end to end on a tiny record."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pgbd_defense.baselines.ftsam import FTSAMConfig, FTSAMMethod, sam_perturbation
+from pgbd_defense.baselines.ibau import implicit_hypergradient, project_l2
+from pgbd_defense.baselines.nad import attention_loss, attention_map
+from pgbd_defense.run import main
+
+from .test_records import _write
+
+
+def test_attention_map_is_the_normalized_channel_mean_of_squares():
+    f = torch.tensor([[[[1.0, 2.0]], [[3.0, -4.0]]]])  # (1, 2 channels, 1, 2)
+    # mean over channels of F^2: [(1 + 9)/2, (4 + 16)/2] = [5, 10] -> / sqrt(125)
+    expected = torch.tensor([[5.0, 10.0]]) / 125 ** 0.5
+    assert torch.allclose(attention_map(f, 2.0), expected)
+
+
+def test_attention_loss_is_the_mean_squared_difference_of_normalized_maps():
+    s = torch.tensor([[[[1.0, 0.0]]]])  # map [1, 0]
+    t = torch.tensor([[[[0.0, 3.0]]]])  # map [0, 1]
+    assert attention_loss(s, t).item() == pytest.approx((1 + 1) / 2)
+    x = torch.randn(3, 4, 5, 5)
+    assert attention_loss(x, 7 * x).item() == pytest.approx(0.0, abs=1e-6)  # scale-free, as NAD intends
+
+
+def test_sam_perturbation_has_radius_rho_in_its_geometry():
+    torch.manual_seed(0)
+    w = [torch.randn(3, 4), torch.randn(5)]
+    g = [torch.randn(3, 4), torch.randn(5)]
+    plain = sam_perturbation(w, g, rho=0.7, adaptive=False)
+    assert torch.sqrt(sum((e ** 2).sum() for e in plain)).item() == pytest.approx(0.7)
+    assert torch.allclose(plain[0] / g[0], plain[0].flatten()[0] / g[0].flatten()[0] * torch.ones(3, 4))
+    adaptive = sam_perturbation(w, g, rho=2.0, adaptive=True, eta=0.01)
+    scaled = [e / (wi.abs() + 0.01) for e, wi in zip(adaptive, w)]
+    assert torch.sqrt(sum((s ** 2).sum() for s in scaled)).item() == pytest.approx(2.0)
+
+
+def test_sam_step_applies_the_gradient_taken_at_the_perturbed_weights():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    cfg = FTSAMConfig(lr=0.1, momentum=0.0, weight_decay=0.0, rho=0.5, adaptive=False, label_smoothing=0.0)
+    w0 = [p.detach().clone() for p in model.parameters()]
+    g0 = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    eps = sam_perturbation(w0, g0, 0.5, adaptive=False)
+    probe = nn.Linear(4, 3)
+    with torch.no_grad():
+        probe.weight.copy_(w0[0] + eps[0])
+        probe.bias.copy_(w0[1] + eps[1])
+    g_sharp = torch.autograd.grad(F.cross_entropy(probe(x), y), list(probe.parameters()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    FTSAMMethod(cfg).step(model, x, y, {}, opt, 0)
+    for p, w, g in zip(model.parameters(), w0, g_sharp):
+        assert torch.allclose(p, w - 0.1 * g, atol=1e-6)
+
+
+def test_implicit_hypergradient_matches_the_closed_form_total_derivative():
+    """inner G = -1/2 ||delta - A theta||^2 has delta* = A theta; for outer L(theta, delta)
+    the total derivative is dL/dtheta + A^T dL/ddelta."""
+    torch.manual_seed(0)
+    A = torch.randn(3, 2, dtype=torch.float64)
+    b = torch.randn(3, dtype=torch.float64)
+    theta = torch.randn(2, dtype=torch.float64, requires_grad=True)
+
+    def inner(d):
+        return -0.5 * (d - A @ theta).pow(2).sum()
+
+    def outer(d):
+        return (d * b).sum() + (d ** 2).sum() + theta.pow(3).sum()
+
+    delta_star = (A @ theta).detach()
+    (got,) = implicit_hypergradient([theta], delta_star, inner, outer, eta=0.5, iters=60)
+    total = torch.autograd.grad(outer(A @ theta), theta)[0]  # differentiates through delta*(theta)
+    assert torch.allclose(got, total, atol=1e-10)
+    (no_implicit,) = implicit_hypergradient([theta], delta_star, inner, outer, eta=0.5, iters=0)
+    assert not torch.allclose(no_implicit, total, atol=1e-3)  # the implicit term is what makes it right
+
+
+def test_l2_projection():
+    d = torch.tensor([3.0, 4.0])
+    assert torch.allclose(project_l2(d, 1.0), torch.tensor([0.6, 0.8]))
+    assert torch.equal(project_l2(d, 10.0), d)
+
+
+@pytest.mark.parametrize("defense,tables", [("ft", ["ft_df.csv"]), ("nad", ["nad_df.csv", "nad_te_df.csv"]),
+                                            ("ft-sam", ["ft-sam_df.csv"]), ("i-bau", ["i-bau_df.csv"]),
+                                            ("nt-pgbd", ["nt-pgbd_df.csv"])])
+def test_each_defense_runs_from_the_command_line(tmp_path, tiny_data, defense, tables):
+    folder, *_ = _write(tmp_path, tiny_data, save_png=False)
+    argv = ["--record", str(folder), "--data-root", str(tiny_data), "--defense", defense, "--epochs", "2",
+            "--te-epochs", "1", "--batch-size", "16", "--ratio", "0.5"]
+    assert main([*argv, "--no-progress"]) == 0
+    out = folder / "defense" / defense
+    for name in ["defense_result.pt", "summary.json", "index.txt", *tables]:
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["defense"] == defense and 0 <= summary["ca"] <= 1
