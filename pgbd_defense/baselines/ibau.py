@@ -10,7 +10,9 @@ point of Psi(delta, theta) = delta + eta * grad_delta H, so
 
 with the inverse approximated by K terms of its Neumann series (fixed-point
 iterations). BackdoorBench's defaults: Adam lr 1e-4, 5 rounds (epochs), K 5; the
-inner ascent (5 steps of size 10, L2 bound 10) follows the authors' release.
+inner ascent (5 steps of size 10, L2 bound 10) and the fixed-point map's step 0.1
+follow the authors' release. (The map's step must be small: d_delta Psi = I + eta * Hessian,
+and the Neumann series only converges when that has spectral radius below 1.)
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ class IBAUConfig(LoopConfig):
     inner_lr: float = 10.0
     eps: float = 10.0
     fixed_point_iters: int = 5
+    fixed_point_lr: float = 0.1
 
     def problems(self) -> List[str]:
         found = super().problems()
         for name in ("inner_steps", "fixed_point_iters"):
             if getattr(self, name) < 0:
                 found.append(f"{name}={getattr(self, name)} (must be >= 0)")
-        for name in ("inner_lr", "eps"):
+        for name in ("inner_lr", "eps", "fixed_point_lr"):
             if getattr(self, name) <= 0:
                 found.append(f"{name}={getattr(self, name)} (must be > 0)")
         return found
@@ -101,7 +104,7 @@ class IBAUMethod(Method):
         def h(d):
             return F.cross_entropy(model(x + d), y)
 
-        grads = implicit_hypergradient(params, delta, h, h, cfg.inner_lr, cfg.fixed_point_iters)
+        grads = implicit_hypergradient(params, delta, h, h, cfg.fixed_point_lr, cfg.fixed_point_iters)
         opt.zero_grad(set_to_none=True)
         for p, g in zip(params, grads):
             p.grad = g.detach()

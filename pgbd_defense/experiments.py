@@ -1,0 +1,110 @@
+"""Cached experiment cells, shared by the Table 2 command and the sweep.
+
+A cell is one defense, with one set of command-line settings, run on one attack
+record. Its results live where BackdoorBench keeps a defense's results,
+``<record>/defense/<name>/``, with ``cell.json`` recording exactly which settings
+made them; a cell whose ``summary.json`` exists for the same settings is read, not
+rerun. Every defense of a record gets the same clean subset (one index file per
+record and seed), as a side-by-side comparison needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from . import data as data_mod
+from .atomic import atomic_write_text
+from .make_record import AttackSettings, build_attack_record, record_name
+from .records import load_attack_record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Cell:
+    record: Path
+    defense: str
+    args: List[str] = field(default_factory=list)
+    label: str = ""  # how tables name it (default: the defense)
+
+    @property
+    def name(self) -> str:
+        digest = hashlib.sha1(json.dumps([self.defense, self.args]).encode()).hexdigest()[:8]
+        return f"{self.defense}_{digest}"
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.record) / "defense" / self.name
+
+
+def ensure_record(settings: AttackSettings, record_root: Path, data_root: Optional[str] = None,
+                  device: str = "cpu") -> Path:
+    folder = Path(record_root) / record_name(settings)
+    if not (folder / "attack_result.pt").is_file():
+        log.info("making the %s record on %s", settings.attack, settings.dataset)
+        build_attack_record(folder, settings, data_root=data_root, device=device, save_png=False)
+    return folder
+
+
+def poisoned_metrics(record: Path) -> Dict[str, float]:
+    """The backdoored model's CA/ASR/RA as measured when the record was made (our records),
+    or from its summary in any finished cell."""
+    for summary in sorted(Path(record).glob("defense/*/summary.json")):
+        s = json.loads(summary.read_text())
+        return {"test_acc": s["ca_poisoned"], "test_asr": s["asr_poisoned"], "test_ra": s["ra_poisoned"]}
+    rec = load_attack_record(record)
+    return dict(rec.raw.get("attack_metrics") or {})
+
+
+def shared_index(record: Path, ratio: float, seed: int, data_root: Optional[str] = None) -> Path:
+    """One clean-subset index file per record and seed, drawn like ``run`` draws it."""
+    from .run import draw_clean_subset
+
+    path = Path(record) / f"clean_subset_{ratio:g}_{seed}.txt"
+    if not path.is_file():
+        n_train = len(load_attack_record(record, data_root=data_root).clean_train)
+        atomic_write_text(path, "".join(f"{i}\n" for i in draw_clean_subset(n_train, ratio, seed)))
+    return path
+
+
+def run_cell(cell: Cell, data_root: Optional[str] = None, recompute: bool = False, device: str = "cpu") -> Dict:
+    """Run (or read) one cell; a failure becomes a row with its reason and log, not an exception."""
+    from .run import main
+
+    row = {"record": str(cell.record), "defense": cell.label or cell.defense, "cell": cell.name}
+    summary_path = cell.folder / "summary.json"
+    settings_path = cell.folder / "cell.json"
+    wanted = {"defense": cell.defense, "args": cell.args}
+    if summary_path.is_file() and not recompute and settings_path.is_file() \
+            and json.loads(settings_path.read_text()) == wanted:
+        return {**row, **json.loads(summary_path.read_text()), "status": "cached"}
+    argv = ["--record", str(cell.record), "--defense", cell.defense, "--defense-name", cell.name, "--overwrite",
+            "--device", device, *(["--data-root", data_root] if data_root else []), *cell.args]
+    started = time.time()
+    try:
+        code = main(argv)
+        error = None if code == 0 else f"exit code {code}"
+    except Exception as e:  # one broken cell must not lose the others
+        error = f"{type(e).__name__}: {e}"
+        log.error("cell %s failed:\n%s", cell.name, traceback.format_exc())
+    if error is None and summary_path.is_file():
+        atomic_write_text(settings_path, json.dumps(wanted, indent=1) + "\n")
+        return {**row, **json.loads(summary_path.read_text()), "status": "ok"}
+    logs = sorted((cell.folder / "log").glob("*.log"))
+    return {**row, "status": "failed", "error": error or "no summary written", "seconds": round(time.time() - started, 1),
+            "log": str(logs[-1]) if logs else ""}
+
+
+def dataset_available(name: str, data_root: Optional[str]) -> bool:
+    try:
+        data_mod.load_split(name, data_root, train=False)
+        return True
+    except data_mod.DataNotFoundError:
+        return False

@@ -1,0 +1,117 @@
+"""Table 2 assembly on fixed inputs, the CI gate, cached cells, and the sweep's helpers."""
+
+import math
+
+import pandas as pd
+import pytest
+
+import pgbd_defense.run as run_module
+from pgbd_defense.experiments import Cell, run_cell, shared_index
+from pgbd_defense.sweep import GridError, parse_grid, pareto_front
+from pgbd_defense.table2 import gate
+from pgbd_defense.tables import MEAN, dem_bar_chart, ranks, to_latex, to_markdown, wide_table, write_table
+
+from .test_records import _write
+
+DEFENSES = ["ft", "pgbd"]
+
+
+def _row(attack, dataset, defense, ca, asr, dem, status="ok"):
+    return {"attack": attack, "dataset": dataset, "defense": defense, "ca_poisoned": 0.9, "asr_poisoned": 1.0,
+            "ca": ca, "asr": asr, "dem": dem, "status": status}
+
+
+ROWS = [_row("badnet", "d1", "ft", 0.80, 0.10, 0.90), _row("badnet", "d1", "pgbd", 0.85, 0.02, 0.96),
+        _row("badnet", "d2", "ft", 0.70, 0.30, 0.70), _row("badnet", "d2", "pgbd", 0.75, 0.04, 0.90),
+        _row("sig", "d1", "ft", 0.88, 0.05, 0.95), _row("sig", "d1", "pgbd", 0.60, 0.01, 0.82)]
+
+
+def test_wide_table_has_mean_rows_per_attack():
+    df = wide_table(ROWS, DEFENSES)
+    assert list(df.index) == [("badnet", "d1"), ("badnet", "d2"), ("badnet", MEAN), ("sig", "d1"), ("sig", MEAN)]
+    assert df.loc[("badnet", MEAN), ("ft", "ca")] == pytest.approx(0.75)
+    assert df.loc[("badnet", MEAN), ("pgbd", "dem")] == pytest.approx(0.93)
+    assert df.loc[("sig", MEAN), ("No defense", "asr")] == pytest.approx(1.0)
+
+
+def test_a_failed_cell_is_missing_and_its_mean_too():
+    rows = ROWS[:3] + [_row("badnet", "d2", "pgbd", 0.0, 0.0, 0.0, status="failed")]
+    df = wide_table(rows, DEFENSES)
+    assert math.isnan(df.loc[("badnet", "d2"), ("pgbd", "ca")])
+    assert math.isnan(df.loc[("badnet", MEAN), ("pgbd", "ca")])
+
+
+def test_best_is_bold_and_second_underlined_per_metric():
+    df = wide_table(ROWS, ["ft", "pgbd"])
+    row = df.loc[("sig", "d1")]
+    assert ranks(row, DEFENSES, "ca") == {"ft": 1, "pgbd": 2}
+    assert ranks(row, DEFENSES, "asr") == {"pgbd": 1, "ft": 2}  # lower ASR is better
+    md = to_markdown(df, DEFENSES)
+    sig_line = next(line for line in md.splitlines() if line.startswith("| sig | d1"))
+    assert sig_line == ("| sig | d1 | 90.00 | 100.00 | **88.00** | <u>5.00</u> | **0.950** | <u>60.00</u> | **1.00** "
+                        "| <u>0.820</u> |")
+    tex = to_latex(df, DEFENSES)
+    assert r"\textbf{88.00}" in tex and r"\underline{60.00}" in tex and tex.count(r"\midrule") == 3
+
+
+def test_ties_share_the_rank():
+    row = pd.Series({("a", "dem"): 0.9, ("b", "dem"): 0.9, ("c", "dem"): 0.5})
+    assert ranks(row, ["a", "b", "c"], "dem") == {"a": 1, "b": 1, "c": 2}
+
+
+def test_written_files_and_chart(tmp_path):
+    df = wide_table(ROWS, DEFENSES)
+    paths = write_table(df, DEFENSES, tmp_path)
+    back = pd.read_csv(paths["csv"], index_col=[0, 1])
+    assert back.loc[("badnet", MEAN), "pgbd_dem"] == pytest.approx(0.93)
+    png = dem_bar_chart(df, DEFENSES, tmp_path / "dem.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gate_names_each_failure():
+    rows = [_row("badnet", "d1", "pgbd", 0.85, 0.02, 0.96), _row("sig", "d1", "pgbd", 0.80, 0.20, 0.85)]
+    rows[1]["asr_poisoned"] = 0.7
+    df = wide_table(rows, ["pgbd"])
+    cells = pd.DataFrame([{**r, "status": "ok"} for r in rows] +
+                         [{"attack": "wanet", "dataset": "d1", "defense": "pgbd", "status": "failed",
+                           "error": "boom", "log": "x.log"}])
+    failures = gate(df, cells)
+    text = "\n".join(failures)
+    assert "sig/d1: poisoned model ASR 0.7000 < 0.80" in text
+    assert "sig/d1: pgbd ASR 0.2000 > 0.10" in text
+    assert "pgbd mean DEM 0.9050 < 0.90" not in text  # 0.905 passes
+    assert "wanet/d1 failed: boom (log x.log)" in text
+    assert gate(wide_table(rows[:1], ["pgbd"]), cells.iloc[:1]) == []
+
+
+def test_finished_cells_are_read_not_rerun(tmp_path, tiny_data, monkeypatch):
+    folder, *_ = _write(tmp_path, tiny_data, save_png=False)
+    index = shared_index(folder, 0.5, 0, str(tiny_data))
+    assert len(index.read_text().split()) == 60 and shared_index(folder, 0.5, 0, str(tiny_data)) == index
+    cell = Cell(folder, "ft", ["--index", str(index), "--epochs", "1", "--batch-size", "16", "--no-progress"])
+    first = run_cell(cell, str(tiny_data))
+    assert first["status"] == "ok" and 0 <= first["ca"] <= 1
+    monkeypatch.setattr(run_module, "main", lambda argv: pytest.fail("a finished cell was recomputed"))
+    again = run_cell(cell, str(tiny_data))
+    assert again["status"] == "cached" and again["ca"] == first["ca"]
+    other = Cell(folder, "ft", [*cell.args, "--lr", "0.5"])  # other settings: another cell
+    assert other.name != cell.name
+
+
+def test_a_failing_cell_becomes_a_row(tmp_path, tiny_data):
+    folder, *_ = _write(tmp_path, tiny_data, save_png=False)
+    row = run_cell(Cell(folder, "ft", ["--layer", "no.such.layer", "--no-progress"]), str(tiny_data))
+    assert row["status"] == "failed" and "exit code 2" in row["error"]
+
+
+def test_grid_parsing_and_errors():
+    assert parse_grid("lr=0.1,0.2 lambda=1") == [{"lr": "0.1", "lambda": "1"}, {"lr": "0.2", "lambda": "1"}]
+    with pytest.raises(GridError, match="unknown grid key"):
+        parse_grid("speed=1")
+    with pytest.raises(GridError, match="key=v1,v2"):
+        parse_grid("lr")
+
+
+def test_pareto_front_keeps_only_undominated_points():
+    pts = [(0.5, 0.9), (0.1, 0.8), (0.2, 0.7), (0.05, 0.6), (0.1, 0.85)]
+    assert pareto_front(pts) == [(0.05, 0.6), (0.1, 0.85), (0.5, 0.9)]
