@@ -11,6 +11,8 @@ BackdoorBench-style.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import math
 import sys
@@ -24,6 +26,7 @@ from . import __version__
 from . import data as data_mod
 from .attacks import ATTACKS
 from .attacks.base import label_mapping
+from .atomic import atomic_write_text
 from .batches import Normalizer
 from .config import DEFAULT_PRESET, PRESETS, ConfigError, merge, read_yaml
 from .data import DataNotFoundError
@@ -188,6 +191,30 @@ def environment() -> Dict[str, str]:
             "machine": platform.machine()}
 
 
+def poisoned_evaluation(record: AttackRecord, record_dir: Path, normalize: Normalizer, device: str) -> Dict:
+    """The record's model on its test sets, computed once per record: every defense of a
+    side-by-side comparison needs the same numbers. The cache key hashes the weights and
+    both test sets, so a changed model or data set is evaluated afresh."""
+    h = hashlib.sha1()
+    for k, v in record.model.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    for t in (record.clean_test.images, record.clean_test.labels, record.bd_test.images, record.bd_test.labels,
+              record.bd_test.original_labels):
+        h.update(t.contiguous().numpy().tobytes())
+    h.update(repr((normalize.mean.tolist(), normalize.std.tolist())).encode())
+    path = Path(record_dir) / "defense" / f".poisoned_eval_{h.hexdigest()[:20]}.json"
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except ValueError:
+            pass  # a damaged cache is recomputed
+    metrics = evaluate(record.model, record.clean_test, record.bd_test, normalize, device=device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(metrics))
+    return metrics
+
+
 def obtain_record(cfg: Dict[str, Any], args) -> Path:
     if args.record:
         return Path(args.record)
@@ -264,7 +291,7 @@ def _defend(args, cfg, record: AttackRecord, record_dir: Path, out: Path) -> int
     log.info("record %s: %s, %d classes, targets %s; clean subset %d samples (%d train, %d held out); "
              "defense %s; layer %s", record_dir, record.model_name, record.num_classes, targets.tolist(), len(clean),
              len(train), len(val) if val is not None else 0, args.defense, layer)
-    before = evaluate(record.model, record.clean_test, record.bd_test, normalize, device=args.device)
+    before = poisoned_evaluation(record, record_dir, normalize, args.device)
     log.info("poisoned model: CA %.4f ASR %.4f RA %.4f", before["test_acc"], before["test_asr"], before["test_ra"])
     if before["test_asr"] == 0 or before["test_acc"] == 0:
         log.warning("the record's model shows no backdoor (ASR %.4f) or no accuracy (CA %.4f): DEM is undefined "

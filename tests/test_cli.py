@@ -120,3 +120,19 @@ def test_nan_loss_stops_with_epoch_and_batch(tiny_data):
     with pytest.raises(NonFiniteLossError, match="epoch 1, batch 1"):
         pgbd_finetune(model, train, torch.zeros(10, dtype=torch.int64), Normalizer((0.5,), (0.5,), 1),
                       PGBDConfig(epochs=1, lam=0.0))
+
+
+def test_poisoned_model_is_evaluated_once_per_record(record, monkeypatch):
+    import pgbd_defense.run as run_module
+
+    assert _run(record, "--defense-name", "first") == 0
+    caches = list((record[0] / "defense").glob(".poisoned_eval_*.json"))
+    assert len(caches) == 1
+    cached = json.loads(caches[0].read_text())
+    summary = json.loads((record[0] / "defense" / "first" / "summary.json").read_text())
+    assert cached["test_acc"] == summary["ca_poisoned"] and cached["test_asr"] == summary["asr_poisoned"]
+    calls = []
+    real = run_module.evaluate
+    monkeypatch.setattr(run_module, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert _run(record, "--defense-name", "second", "--eval-every", "100", "--select", "last") == 0
+    assert len(calls) == 1  # the defended model only; the poisoned numbers came from the cache
