@@ -41,6 +41,7 @@ COMMON = {
     "val_share": 0.1,
     "select": "best",
     "collapse_margin": 0.2,
+    "collapse_patience": 2,
     # PGBD and NT-PGBD
     "warmup_epochs": 0,
     "cycle": 3,

@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--select", choices=["best", "last"], help="epoch returned: best held-out clean accuracy, or last")
     g.add_argument("--collapse-margin", dest="collapse_margin", type=float,
                    help="stop when held-out clean accuracy falls this far below its start (0-1; 0: off)")
+    g.add_argument("--collapse-patience", dest="collapse_patience", type=int,
+                   help="... for this many consecutive epochs (default 2)")
     g.add_argument("--optimizer", choices=["sgd", "adam"])
     g.add_argument("--te-epochs", dest="te_epochs", type=int, help="NAD: epochs that make the teacher")
     g.add_argument("--rho", type=float, help="FT-SAM: neighbourhood radius")
@@ -127,8 +129,8 @@ CLI_KEYS = ["attack", "dataset", "model", "width", "pratio", "attack_target", "a
             "attack_train_subset", "trigger_image",
             "target", "layer", "lambda", "loss_form", "reduction", "clusters", "update_gap", "alpha", "lr", "epochs",
             "batch_size", "ratio", "index", "random_seed", "eval_every", "grad_clip", "freeze_bn", "augment",
-            "lr_scheduler", "proto_memory_mb", "val_share", "select", "collapse_margin", "optimizer", "te_epochs",
-            "rho", "warmup_epochs", "cycle", "nt_classes"]
+            "lr_scheduler", "proto_memory_mb", "val_share", "select", "collapse_margin", "collapse_patience",
+            "optimizer", "te_epochs", "rho", "warmup_epochs", "cycle", "nt_classes"]
 
 
 def resolve_targets(spec: Any, record: AttackRecord) -> torch.Tensor:
@@ -285,7 +287,8 @@ def _defend(args, cfg, record: AttackRecord, record_dir: Path, out: Path) -> int
     indices = read_index(Path(cfg["index"]), n_train) if cfg["index"] else \
         draw_clean_subset(n_train, cfg["ratio"], cfg["random_seed"])
     clean = data_mod.ImageSet(record.clean_train.images[indices], record.clean_train.labels[indices])
-    selection = Selection(val_share=cfg["val_share"], select=cfg["select"], collapse_margin=cfg["collapse_margin"])
+    selection = Selection(val_share=cfg["val_share"], select=cfg["select"], collapse_margin=cfg["collapse_margin"],
+                          collapse_patience=cfg["collapse_patience"])
     train, val = split_validation(clean, selection.val_share, cfg["random_seed"])
     method = build_method(args.defense, cfg, targets, layer)
     log.info("record %s: %s, %d classes, targets %s; clean subset %d samples (%d train, %d held out); "

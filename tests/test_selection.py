@@ -60,9 +60,9 @@ def test_collapse_guard_stops_and_restores_the_best_epoch(tiny_data):
     train, val = split_validation(_tiny(tiny_data), 0.25, seed=0)
     seen = []
     result = finetune(model, _Scripted(LoopConfig(epochs=5, lr=1e-3, batch_size=16)), train, NORM, val=val,
-                      selection=Selection(val_share=0.25, collapse_margin=0.2),
+                      selection=Selection(val_share=0.25, collapse_margin=0.2, collapse_patience=2),
                       on_epoch_end=lambda e, s: seen.append({k: v for k, v in s.items()}))
-    assert result.collapsed and len(result.history) == 2  # stopped right after the collapse
+    assert result.collapsed and len(result.history) == 3  # two epochs below the guard, then stop
     assert seen[1]["val_acc"] < result.val_acc_before - 0.2
     assert result.selected_epoch == 0
     with torch.no_grad():
@@ -81,10 +81,32 @@ def test_collapse_in_the_first_epoch_returns_the_model_unchanged(tiny_data):
 
     train, val = split_validation(_tiny(tiny_data), 0.25, seed=0)
     result = finetune(model, CollapseAtOnce(LoopConfig(epochs=3, lr=1e-3, batch_size=16)), train, NORM, val=val,
-                      selection=Selection(val_share=0.25))
+                      selection=Selection(val_share=0.25, collapse_patience=1))
     assert result.collapsed and result.selected_epoch == -1 and result.notes
     for k, v in model.state_dict().items():
         assert torch.equal(v, start[k]), k
+
+
+def test_one_bad_epoch_that_recovers_is_not_a_collapse(tiny_data):
+    model = _trained_model(tiny_data)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+
+    class DipOnce(Method):
+        name = "dip"
+
+        def step(self, model, x, y, store, opt, epoch):
+            out = super().step(model, x, y, store, opt, epoch)
+            with torch.no_grad():  # epoch 0 ends broken, epoch 1 ends restored
+                model.load_state_dict({k: (torch.zeros_like(v) if epoch == 0 and v.is_floating_point() else v)
+                                       for k, v in saved.items()})
+            return out
+
+    train, val = split_validation(_tiny(tiny_data), 0.25, seed=0)
+    result = finetune(model, DipOnce(LoopConfig(epochs=3, lr=1e-3, batch_size=16)), train, NORM, val=val,
+                      selection=Selection(val_share=0.25, collapse_patience=2))
+    accs = [row["val_acc"] for row in result.history]
+    assert not result.collapsed and len(accs) == 3
+    assert accs[0] < result.val_acc_before - 0.2 and result.selected_epoch in (1, 2)
 
 
 def test_best_epoch_is_chosen_by_held_out_accuracy(tiny_data):
