@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -147,6 +147,9 @@ class AttackRecord:
     model: torch.nn.Module
     architecture: Dict[str, Any] = field(default_factory=dict)
     _bd_train: Optional[BackdoorSet] = None
+    # (mean, std) when the data set's normalization comes from elsewhere than data.INFO
+    # (inside a BackdoorBench checkout: the benchmark's own test transform).
+    normalization: Optional[Tuple[Tuple[float, ...], Tuple[float, ...]]] = None
 
     @property
     def name(self) -> str:
@@ -231,11 +234,15 @@ def _checked_state(state: Dict[str, Any], clean: data_mod.ImageSet, folder: Path
 
 
 def load_attack_record(folder, data_root: Optional[str] = None, trust: bool = False,
-                       device: str = "cpu") -> AttackRecord:
+                       device: str = "cpu", clean_splits=None, model: Optional[torch.nn.Module] = None,
+                       ) -> AttackRecord:
     """Load ``<folder>/attack_result.pt``, rebuild its data splits and its model.
 
     ``data_root`` is where the clean data set lives; without it, the record's own
-    ``data_path`` (relative to the BackdoorBench checkout holding the record) is tried."""
+    ``data_path`` (relative to the BackdoorBench checkout holding the record) is tried.
+    Inside a BackdoorBench checkout the benchmark's own data sets and model class are
+    passed in as ``clean_splits`` (train, test ImageSets) and ``model`` (weights are
+    loaded here)."""
     folder = Path(folder)
     path = folder / "attack_result.pt"
     if not path.is_file():
@@ -249,10 +256,16 @@ def load_attack_record(folder, data_root: Optional[str] = None, trust: bool = Fa
     if root is None and raw.get("data_path"):
         bench_relative = folder.parent.parent / raw["data_path"]
         root = str(bench_relative) if bench_relative.exists() else None
-    clean_train = data_mod.load_split(clean_data, root, train=True, channels=channels)
-    clean_test = data_mod.load_split(clean_data, root, train=False, channels=channels)
-    arch = infer_architecture(raw["model_name"], raw["model"])
-    model = build_model(raw["model_name"], int(raw["num_classes"]), **arch)
+    if clean_splits is not None:
+        clean_train, clean_test = clean_splits
+    else:
+        clean_train = data_mod.load_split(clean_data, root, train=True, channels=channels)
+        clean_test = data_mod.load_split(clean_data, root, train=False, channels=channels)
+    if model is None:
+        arch = infer_architecture(raw["model_name"], raw["model"])
+        model = build_model(raw["model_name"], int(raw["num_classes"]), **arch)
+    else:
+        arch = {}
     load_weights(model, raw["model"], raw["model_name"])
     model.to(device).eval()
     bd_test = _checked_state(raw["bd_test"], clean_test, folder, "bd_test")

@@ -257,7 +257,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _run(args) -> int:
     cli = {k: getattr(args, k, None) for k in CLI_KEYS}
     yaml_values = read_yaml(args.config)
-    defense = args.defense or yaml_values.pop("defense", None) or "pgbd"
+    named = [yaml_values.pop(k, None) for k in ("defense", "variant")]  # bench_configs name the variant
+    defense = args.defense or next((n for n in named if n), None) or "pgbd"
     DEFENSES.get(defense)  # an unknown name fails before any work
     args.defense = defense
     args.defense_name = args.defense_name or defense
@@ -265,6 +266,13 @@ def _run(args) -> int:
     record_dir = obtain_record(cfg, args)
     # Load and validate everything before the first byte is written for this defense.
     record = load_attack_record(record_dir, data_root=args.data_root, trust=args.trust_record, device=args.device)
+    return defend_record(args, cfg, record, record_dir)
+
+
+def defend_record(args, cfg: Dict[str, Any], record: AttackRecord, record_dir: Path) -> int:
+    """Run the configured defense on a loaded record into ``<record>/defense/<name>/``,
+    logging to its ``log/`` folder. ``args`` needs defense, defense_name, device,
+    overwrite, resume and preset."""
     out = prepare_defense_dir(record_dir, args.defense_name, args.overwrite)
     file_handler = logging.FileHandler(log_file_path(out))
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
@@ -279,7 +287,8 @@ def _run(args) -> int:
 def _defend(args, cfg, record: AttackRecord, record_dir: Path, out: Path) -> int:
     started = time.time()  # the defense's own time; building the attack record is not counted
     info = data_mod.dataset_info(record.clean_data)
-    normalize = Normalizer(info.mean, info.std, record.clean_test.images.shape[1])
+    mean, std = record.normalization or (info.mean, info.std)
+    normalize = Normalizer(mean, std, record.clean_test.images.shape[1])
     targets = resolve_targets(cfg["target"], record)
     layer = cfg["layer"] or last_conv_name(record.model)
     find_layer(record.model, layer)

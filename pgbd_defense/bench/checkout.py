@@ -1,0 +1,60 @@
+"""Recognizing a BackdoorBench checkout and importing its modules from it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+# Files every BackdoorBench v2 checkout has and the plugin relies on.
+MARKERS = ("defense/base.py", "utils/save_load_attack.py", "utils/aggregate_block/dataset_and_transform_generate.py",
+           "utils/aggregate_block/model_trainer_generate.py", "config/defense")
+
+
+class NotACheckoutError(FileNotFoundError):
+    """The folder is not a BackdoorBench checkout; the message lists what is missing."""
+
+
+def missing_markers(root: Path) -> List[str]:
+    return [m for m in MARKERS if not (Path(root) / m).exists()]
+
+
+def is_checkout(root: Optional[Path]) -> bool:
+    return root is not None and Path(root).is_dir() and not missing_markers(Path(root))
+
+
+def require_checkout(root: Path) -> Path:
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise NotACheckoutError(f"{root} does not exist; give the folder of a BackdoorBench clone "
+                                "(git clone https://github.com/SCLBD/BackdoorBench)")
+    missing = missing_markers(root)
+    if missing:
+        raise NotACheckoutError(f"{root} is not a BackdoorBench checkout: it lacks {', '.join(missing)}")
+    return root
+
+
+def find_checkout(start: Optional[Path] = None) -> Optional[Path]:
+    """The checkout holding ``start`` (default: the working directory), if any."""
+    here = Path(start or os.getcwd()).resolve()
+    for folder in (here, *here.parents):
+        if is_checkout(folder):
+            return folder
+    return None
+
+
+@contextlib.contextmanager
+def bench_imports(root: Path) -> Iterator[None]:
+    """Make ``import utils...``/``defense...`` resolve to the checkout's modules, as its
+    scripts expect (they run from the checkout root)."""
+    root = str(Path(root).resolve())
+    added = root not in sys.path
+    if added:
+        sys.path.insert(0, root)
+    try:
+        yield
+    finally:
+        if added and root in sys.path:
+            sys.path.remove(root)
