@@ -33,6 +33,8 @@ from .data import DataNotFoundError
 from .make_record import AttackSettings, build_attack_record, record_name
 from .metrics import DEM, dem, evaluate
 from .models import MODELS, ModelMismatchError
+from .bench.checkout import find_checkout, require_checkout
+from .bench.compare import BenchRunError
 from .defenses import DEFENSES, build_method
 from .finetune import NonFiniteLossError, ResumeMismatchError, Selection, finetune, split_validation
 from .prototypes import LayerNotFoundError, last_conv_name, find_layer
@@ -46,7 +48,7 @@ log = logging.getLogger("pgbd_defense")
 
 USER_ERRORS = (ConfigError, DataNotFoundError, RecordError, UnsafeRecordError, UnreadableFileError,
                ModelMismatchError, LayerNotFoundError, UnknownNameError, ExistingResultError, NonFiniteLossError,
-               ResumeMismatchError, ValueError, FileNotFoundError)
+               ResumeMismatchError, BenchRunError, ValueError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--index", help="file of clean-subset indices (BackdoorBench's index.txt) instead of a draw")
     g.add_argument("--seed", dest="random_seed", type=int)
     g.add_argument("--eval-every", dest="eval_every", type=int, help="evaluate on the test sets every N epochs")
+    g = p.add_argument_group("side by side")
+    g.add_argument("--compare", type=lambda v: [d for d in v.split(",") if d],
+                   help="after PGBD, run these defenses on the same record and clean subset and write one table "
+                        "(ft,nad,i-bau,ft-sam,nt-pgbd); inside a checkout, the benchmark's own scripts")
+    g.add_argument("--bench-root", help="a BackdoorBench checkout to run in (default: the working directory if it "
+                   "is one)")
+    g.add_argument("--attack-args", default="", help="extra flags for the benchmark's attack script (one string)")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cpu")
     g.add_argument("--defense-name", help="folder name under <record>/defense/ (default: the defense's name)")
@@ -263,10 +272,47 @@ def _run(args) -> int:
     args.defense = defense
     args.defense_name = args.defense_name or defense
     cfg = merge(args.preset, yaml_values, cli, defense=defense)
+    for name in args.compare or []:
+        DEFENSES.get(name)
+    bench_root = require_checkout(Path(args.bench_root)) if args.bench_root else \
+        (find_checkout() if not args.record else None)
+    if bench_root is not None:
+        from .bench.driver import run_in_checkout
+
+        return run_in_checkout(args, cfg, bench_root)
     record_dir = obtain_record(cfg, args)
     # Load and validate everything before the first byte is written for this defense.
     record = load_attack_record(record_dir, data_root=args.data_root, trust=args.trust_record, device=args.device)
-    return defend_record(args, cfg, record, record_dir)
+    code = defend_record(args, cfg, record, record_dir)
+    if code == 0 and args.compare:
+        compare_standalone(args, record_dir)
+    return code
+
+
+def compare_standalone(args, record_dir: Path) -> Path:
+    """Our own implementations of the compared defenses on the same record and clean subset
+    as the defense just run; one table in ``<record>/defense/comparison.*``."""
+    from .experiments import Cell, run_cell
+    from .tables import comparison_markdown, comparison_frame, write_comparison
+
+    ours = json.loads((Path(record_dir) / "defense" / args.defense_name / "summary.json").read_text())
+    index = Path(record_dir) / "defense" / args.defense_name / "index.txt"
+    rows = [{**ours, "defense": args.defense_name, "status": "ok", "log": ""}]
+    common = ["--preset", args.preset, "--index", str(index), "--seed", str(ours["seed"]), "--device", args.device]
+    common += ["--config", args.config] if args.config else []
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value is not None:
+            common += [flag, str(value)]
+    for name in args.compare:
+        if name == args.defense_name:
+            continue
+        log.info("comparing: %s on %s", name, record_dir)
+        row = run_cell(Cell(Path(record_dir), name, list(common)), args.data_root, device=args.device)
+        rows.append({**row, "defense": name})
+    paths = write_comparison(rows, Path(record_dir) / "defense")
+    print(comparison_markdown(comparison_frame(rows)))
+    print(f"comparison: {paths['md']} (also .csv, .tex)")
+    return paths["md"]
 
 
 def defend_record(args, cfg: Dict[str, Any], record: AttackRecord, record_dir: Path) -> int:

@@ -137,3 +137,57 @@ def dem_bar_chart(df: pd.DataFrame, defenses: Sequence[str], path: Path, title: 
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------- one record, defenses side by side
+
+COMPARISON_METRICS = {"ca": True, "asr": False, "ra": True, "dem": True}
+
+
+def comparison_frame(rows: Sequence[Dict]) -> pd.DataFrame:
+    """One row per defense: CA, ASR, RA, DEM, seconds, status, log."""
+    cols = ["defense", "ca", "asr", "ra", "dem", "seconds", "status", "log"]
+    return pd.DataFrame([{c: r.get(c) for c in cols} for r in rows], columns=cols)
+
+
+def _marks(df: pd.DataFrame, metric: str) -> Dict[int, int]:
+    ok = df[df["status"].isin(["ok", "cached"])]
+    values = pd.to_numeric(ok[metric], errors="coerce").dropna().round(10)
+    distinct = sorted(set(values), reverse=COMPARISON_METRICS[metric])[:2]
+    return {i: distinct.index(v) + 1 for i, v in values.items() if v in distinct}
+
+
+def comparison_markdown(df: pd.DataFrame, tex: bool = False) -> str:
+    marks = {m: _marks(df, m) for m in COMPARISON_METRICS}
+    bold = (lambda t: f"\\textbf{{{t}}}") if tex else (lambda t: f"**{t}**")
+    under = (lambda t: f"\\underline{{{t}}}") if tex else (lambda t: f"<u>{t}</u>")
+    body = []
+    for i, r in df.iterrows():
+        cells = [_tex(str(r["defense"])) if tex else str(r["defense"])]
+        failed = r["status"] not in ("ok", "cached")
+        for m in COMPARISON_METRICS:
+            text = "-" if failed or pd.isna(r[m]) else _fmt(float(r[m]), m)
+            rank = marks[m].get(i)
+            cells.append(bold(text) if rank == 1 else under(text) if rank == 2 else text)
+        cells.append("-" if pd.isna(r["seconds"]) else f"{float(r['seconds']):.0f}")
+        note = f"failed: see {r['log']}" if failed else ""
+        cells.append(_tex(note) if tex else note)
+        body.append(cells)
+    head = ["defense", "CA", "ASR", "RA", "DEM", "seconds", "note"]
+    if tex:
+        lines = [r"\begin{tabular}{lrrrrrl}", r"\toprule", " & ".join(head) + r" \\", r"\midrule"]
+        lines += [" & ".join(c) + r" \\" for c in body] + [r"\bottomrule", r"\end{tabular}"]
+        return "\n".join(lines) + "\n"
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in body]) + "\n"
+
+
+def write_comparison(rows: Sequence[Dict], out: Path, stem: str = "comparison") -> Dict[str, Path]:
+    df = comparison_frame(rows)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": out / f"{stem}.csv", "md": out / f"{stem}.md", "tex": out / f"{stem}.tex"}
+    with atomic_path(paths["csv"]) as tmp:
+        df.to_csv(tmp, index=False)
+    atomic_write_text(paths["md"], comparison_markdown(df))
+    atomic_write_text(paths["tex"], comparison_markdown(df, tex=True))
+    return paths

@@ -99,3 +99,66 @@ def test_launcher_runs_like_a_builtin_defense(bench):
     # A second run refuses to overwrite, as the standalone command does.
     again = subprocess.run(cmd, cwd=bench, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+FAKE_FT = '''
+import argparse, os, sys
+p = argparse.ArgumentParser()
+for a in ("--result_file", "--yaml_path", "--dataset", "--index", "--device"):
+    p.add_argument(a)
+args = p.parse_args()
+assert os.path.isfile(args.index), args.index
+out = os.path.join("record", args.result_file, "defense", "ft")
+os.makedirs(out, exist_ok=True)
+with open(os.path.join(out, "ft_df_summary.csv"), "w") as f:
+    f.write(",test_acc,test_asr,test_ra\\nlast,0.5,0.25,0.6\\nvalid_max,0.5,0.25,0.6\\nexist_nan_value,False,False,False\\n")
+print("fake ft done")
+'''
+
+
+def test_compare_inside_a_checkout_runs_the_benchmark_scripts_and_tabulates(bench, tmp_path, capsys):
+    import shutil
+
+    from pgbd_defense.run import main as run_main
+
+    install(bench)
+    shutil.copytree(bench / "record" / "tiny", bench / "record" / "badnet_0_1")
+    (bench / "defense" / "ft.py").write_text(FAKE_FT)
+    (bench / "defense" / "nad.py").write_text("import sys\nprint('boom')\nsys.exit(1)\n")
+    cwd = os.getcwd()
+    os.environ["PGBD_NO_PROGRESS"] = "1"
+    try:
+        os.chdir(bench)
+        code = run_main(["--attack", "badnet", "--dataset", "mnist", "--compare", "ft,nad", "--epochs", "1",
+                         "--batch-size", "16", "--ratio", "0.5", "--preset", "cpu"])
+    finally:
+        os.chdir(cwd)
+    assert code == 0
+    table = (bench / "record" / "badnet_0_1" / "defense" / "comparison.csv").read_text().splitlines()
+    assert table[0].startswith("defense,ca,asr,ra,dem,seconds,status,log")
+    rows = {line.split(",")[0]: line for line in table[1:]}
+    assert set(rows) == {"pgbd", "ft (BackdoorBench)", "nad (BackdoorBench)"}
+    assert ",0.5,0.25,0.6," in rows["ft (BackdoorBench)"]
+    assert ",failed," in rows["nad (BackdoorBench)"] and "pgbd_defense_compare.log" in rows["nad (BackdoorBench)"]
+    md = (bench / "record" / "badnet_0_1" / "defense" / "comparison.md").read_text()
+    assert "failed: see" in md
+
+
+def test_running_in_a_checkout_that_lacks_the_plugin_says_how_to_install(bench, caplog):
+    from pgbd_defense.run import main as run_main
+
+    assert run_main(["--bench-root", str(bench), "--attack", "badnet", "--dataset", "mnist", "--no-progress"]) == 2
+    assert "python -m pgbd_defense.install --bench-root" in caplog.text
+
+
+def test_compare_standalone_uses_the_same_clean_subset(tmp_path, tiny_data):
+    from pgbd_defense.run import main as run_main
+
+    folder, *_ = _write(tmp_path, tiny_data, save_png=False)
+    assert run_main(["--record", str(folder), "--data-root", str(tiny_data), "--epochs", "1", "--te-epochs", "1",
+                     "--batch-size", "16", "--ratio", "0.5", "--compare", "ft,nad", "--no-progress"]) == 0
+    df = (folder / "defense" / "comparison.csv").read_text().splitlines()
+    assert [line.split(",")[0] for line in df[1:]] == ["pgbd", "ft", "nad"]
+    pgbd_index = (folder / "defense" / "pgbd" / "index.txt").read_text()
+    for cell in (folder / "defense").glob("ft_*"):
+        assert (cell / "index.txt").read_text() == pgbd_index
