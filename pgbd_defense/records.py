@@ -241,8 +241,8 @@ def load_attack_record(folder, data_root: Optional[str] = None, trust: bool = Fa
     ``data_root`` is where the clean data set lives; without it, the record's own
     ``data_path`` (relative to the BackdoorBench checkout holding the record) is tried.
     Inside a BackdoorBench checkout the benchmark's own data sets and model class are
-    passed in as ``clean_splits`` (train, test ImageSets) and ``model`` (weights are
-    loaded here)."""
+    passed in as ``clean_splits`` (train, test ImageSets, or a function of the raw
+    record returning them) and ``model`` (weights are loaded here)."""
     folder = Path(folder)
     path = folder / "attack_result.pt"
     if not path.is_file():
@@ -256,7 +256,9 @@ def load_attack_record(folder, data_root: Optional[str] = None, trust: bool = Fa
     if root is None and raw.get("data_path"):
         bench_relative = folder.parent.parent / raw["data_path"]
         root = str(bench_relative) if bench_relative.exists() else None
-    if clean_splits is not None:
+    if callable(clean_splits):  # built from the record's own keys (clean_data, img_size)
+        clean_train, clean_test = clean_splits(raw)
+    elif clean_splits is not None:
         clean_train, clean_test = clean_splits
     else:
         clean_train = data_mod.load_split(clean_data, root, train=True, channels=channels)

@@ -158,18 +158,25 @@ def defense_class():
             _setup_logging(False)
 
         def load(self):
-            raw_root = getattr(self.args, "dataset_path", None) or self.yaml_values.get("dataset_path") or "./data"
-            setting = SimpleNamespace(dataset=self.args.dataset, dataset_path=f"{raw_root}/{self.args.dataset}",
-                                      img_size=self.args.img_size)
-            train, _, _, test, test_transform, _ = dataset_and_transform_generate(setting)
-            channels, size = self.args.input_channel, (self.args.input_height, self.args.input_width)
-            clean = (to_image_set(train, channels, size), to_image_set(test, channels, size))
+            data_root = getattr(self.args, "dataset_path", None) or self.yaml_values.get("dataset_path") or "./data"
+            found = {}
+
+            def clean_splits(raw):
+                # As the benchmark's load_attack_result does: the record's data set and image size
+                # (a gray data set may have been served as 3 channels), read from ./data/<dataset>.
+                size = tuple(int(v) for v in raw["img_size"])
+                setting = SimpleNamespace(dataset=raw["clean_data"], dataset_path=f"{data_root}/{raw['clean_data']}",
+                                          img_size=size)
+                train, _, _, test, test_transform, _ = dataset_and_transform_generate(setting)
+                found["normalization"] = normalization_of(test_transform)
+                return (to_image_set(train, size[2], size[:2]), to_image_set(test, size[2], size[:2]))
+
             model = generate_cls_model(self.args.model, self.args.num_classes)
             self.set_trainer(model)
-            record = load_attack_record(self.record_dir, clean_splits=clean, model=model,
+            record = load_attack_record(self.record_dir, clean_splits=clean_splits, model=model,
                                         trust=bool(getattr(self.args, "trust_record", False)),
                                         device=self.args.device or "cpu")
-            record.normalization = normalization_of(test_transform)
+            record.normalization = found.get("normalization")
             return record
 
         def mitigation(self):
