@@ -74,6 +74,16 @@ def shared_index(record: Path, ratio: float, seed: int, data_root: Optional[str]
     return path
 
 
+def defaults_fingerprint() -> str:
+    """Changes whenever a preset's values change, so a cached cell made under other
+    defaults (same command line, different meaning) is recomputed, not reused."""
+    from . import __version__
+    from .config import DEFENSE_OVERRIDES, PRESETS
+
+    text = json.dumps([__version__, PRESETS, DEFENSE_OVERRIDES], sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
 def run_cell(cell: Cell, data_root: Optional[str] = None, recompute: bool = False, device: str = "cpu") -> Dict:
     """Run (or read) one cell; a failure becomes a row with its reason and log, not an exception."""
     from .run import main
@@ -81,7 +91,7 @@ def run_cell(cell: Cell, data_root: Optional[str] = None, recompute: bool = Fals
     row = {"record": str(cell.record), "defense": cell.label or cell.defense, "cell": cell.name}
     summary_path = cell.folder / "summary.json"
     settings_path = cell.folder / "cell.json"
-    wanted = {"defense": cell.defense, "args": cell.args}
+    wanted = {"defense": cell.defense, "args": cell.args, "defaults": defaults_fingerprint()}
     if summary_path.is_file() and not recompute and settings_path.is_file() \
             and json.loads(settings_path.read_text()) == wanted:
         return {**row, **json.loads(summary_path.read_text()), "status": "cached"}

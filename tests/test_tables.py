@@ -98,6 +98,18 @@ def test_finished_cells_are_read_not_rerun(tmp_path, tiny_data, monkeypatch):
     assert other.name != cell.name
 
 
+def test_a_cached_cell_made_under_other_preset_values_is_recomputed(tmp_path, tiny_data, monkeypatch):
+    import pgbd_defense.config as config_module
+
+    folder, *_ = _write(tmp_path, tiny_data, save_png=False)
+    index = shared_index(folder, 0.5, 0, str(tiny_data))
+    cell = Cell(folder, "ft", ["--index", str(index), "--epochs", "1", "--batch-size", "16", "--no-progress"])
+    assert run_cell(cell, str(tiny_data))["status"] == "ok"
+    changed = {**config_module.PRESETS["cpu"], "lr": 0.5}
+    monkeypatch.setitem(config_module.PRESETS, "cpu", changed)
+    assert run_cell(cell, str(tiny_data))["status"] == "ok"  # recomputed, not "cached"
+
+
 def test_a_failing_cell_becomes_a_row(tmp_path, tiny_data):
     folder, *_ = _write(tmp_path, tiny_data, save_png=False)
     row = run_cell(Cell(folder, "ft", ["--layer", "no.such.layer", "--no-progress"]), str(tiny_data))
