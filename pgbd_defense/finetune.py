@@ -312,17 +312,18 @@ def finetune(model: torch.nn.Module, method: Method, train: ImageSet, normalize:
                         selection.collapse_margin, val_before, selection.collapse_patience)
             break
     result = FinetuneResult(history, selected_epoch=len(history) - 1, collapsed=collapsed, val_acc_before=val_before)
-    if val is not None and (selection.select == "best" or collapsed):
-        if best_state is not None and best_acc >= val_before - selection.collapse_margin:
-            model.load_state_dict(best_state)
-            result.selected_epoch = best_epoch
-        elif collapsed:
+    if val is not None:
+        above_guard = best_state is not None and best_acc >= val_before - selection.collapse_margin
+        if collapsed and not above_guard:
             # No epoch stayed above the guard: nothing fine-tuned is usable, so the model is
             # returned as it came (still backdoored) and the run says so.
             model.load_state_dict(initial_state)
             result.selected_epoch = -1
             result.notes.append("every epoch fell below the collapse guard: the model is returned unchanged; "
                                 "lower the learning rate")
+        elif best_state is not None and (selection.select == "best" or collapsed):
+            model.load_state_dict(best_state)
+            result.selected_epoch = best_epoch
     model.eval()
     return result
 
