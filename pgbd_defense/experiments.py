@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import data as data_mod
 from .atomic import atomic_write_text
 from .make_record import AttackSettings, build_attack_record, record_name
 from .records import load_attack_record
@@ -51,16 +50,6 @@ def ensure_record(settings: AttackSettings, record_root: Path, data_root: Option
         log.info("making the %s record on %s", settings.attack, settings.dataset)
         build_attack_record(folder, settings, data_root=data_root, device=device, save_png=False)
     return folder
-
-
-def poisoned_metrics(record: Path) -> Dict[str, float]:
-    """The backdoored model's CA/ASR/RA as measured when the record was made (our records),
-    or from its summary in any finished cell."""
-    for summary in sorted(Path(record).glob("defense/*/summary.json")):
-        s = json.loads(summary.read_text())
-        return {"test_acc": s["ca_poisoned"], "test_asr": s["asr_poisoned"], "test_ra": s["ra_poisoned"]}
-    rec = load_attack_record(record)
-    return dict(rec.raw.get("attack_metrics") or {})
 
 
 def shared_index(record: Path, ratio: float, seed: int, data_root: Optional[str] = None) -> Path:
@@ -110,11 +99,3 @@ def run_cell(cell: Cell, data_root: Optional[str] = None, recompute: bool = Fals
     logs = sorted((cell.folder / "log").glob("*.log"))
     return {**row, "status": "failed", "error": error or "no summary written", "seconds": round(time.time() - started, 1),
             "log": str(logs[-1]) if logs else ""}
-
-
-def dataset_available(name: str, data_root: Optional[str]) -> bool:
-    try:
-        data_mod.load_split(name, data_root, train=False)
-        return True
-    except data_mod.DataNotFoundError:
-        return False

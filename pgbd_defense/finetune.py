@@ -18,7 +18,6 @@ best held-out accuracy is returned. Poisoned data never reaches this module.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import math
 from dataclasses import asdict, dataclass, field
@@ -363,8 +362,3 @@ def _train_epoch(model, method: Method, train, normalize, opt, sched, gen, epoch
 def _fingerprint(data: ImageSet) -> List[int]:
     """Cheap identity of a data subset, to refuse resuming another run's checkpoint."""
     return [len(data), int(data.labels.sum()), int(data.images[:, :, ::7, ::7].sum())]
-
-
-def snapshot(model: torch.nn.Module) -> torch.nn.Module:
-    """An independent copy (NAD's teacher, tests)."""
-    return copy.deepcopy(model)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import pandas as pd
 
@@ -87,7 +87,3 @@ def run_bench_defense(root: Path, defense: str, result_file: str, dataset: str, 
     defined = poisoned["ca"] > 0 and poisoned["asr"] > 0  # a model without backdoor has no DEM
     value = dem(poisoned["ca"], poisoned["asr"], found["ca"], found["asr"]).value if defined else float("nan")
     return {**row, "status": "ok", "ca": found["ca"], "asr": found["asr"], "ra": found["ra"], "dem": value}
-
-
-def unknown_bench_defenses(names: List[str]) -> List[str]:
-    return [n for n in names if n not in BENCH_DEFENSES]
