@@ -46,6 +46,19 @@ COMMON = {
     "warmup_epochs": 0,
     "cycle": 3,
     "nt_classes": [],
+    "nt_topk": 0,
+    # Target inference (--target auto) and ST-PGBD's trigger search
+    "inversion_steps": 300,
+    "inversion_batch_size": 32,
+    "inversion_classes": [],
+    "inversion_scale": "log",
+    "st_steps": 300,
+    "st_batch_size": 32,
+    # Large-model mapping: off, a features file, or torchvision:NAME:WEIGHTS_FILE
+    "mapping": "off",
+    "mapping_components": 64,
+    "mapping_steps": 3000,
+    "teacher_input_size": 224,
     # NAD (BackdoorBench defaults)
     "te_epochs": 10,
     "betas": [500.0, 1000.0, 1000.0],

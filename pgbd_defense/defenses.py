@@ -5,7 +5,7 @@ and output files."""
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -30,43 +30,59 @@ def _pgbd_config(cfg: Dict[str, Any], layer: str, variant: str) -> PGBDConfig:
     return PGBDConfig(**loop_settings(cfg), layer=layer, lam=cfg["lambda"], form=cfg["loss_form"],
                       reduction=cfg["reduction"], warmup_epochs=cfg["warmup_epochs"], clusters=cfg["clusters"],
                       update_gap=cfg["update_gap"], alpha=cfg["alpha"], variant=variant, cycle=cfg["cycle"],
-                      nt_classes=tuple(cfg["nt_classes"] or ()), proto_memory_mb=cfg["proto_memory_mb"])
+                      nt_classes=tuple(cfg["nt_classes"] or ()), proto_memory_mb=cfg["proto_memory_mb"],
+                      st_steps=cfg["st_steps"], st_batch_size=cfg["st_batch_size"],
+                      mapping_components=cfg["mapping_components"], mapping_steps=cfg["mapping_steps"])
+
+
+# PGBD's variants by the --variant names they answer to.
+VARIANT_DEFENSES = {"pgbd": "pgbd", "nt": "nt-pgbd", "st": "st-pgbd"}
 
 
 @DEFENSES.register("pgbd")
-def _pgbd(cfg: Dict[str, Any], targets: torch.Tensor, layer: str) -> Method:
-    return PGBDMethod(_pgbd_config(cfg, layer, "pgbd"), targets, layer)
+def _pgbd(cfg: Dict[str, Any], targets: torch.Tensor, layer: str, teacher=None) -> Method:
+    return PGBDMethod(_pgbd_config(cfg, layer, "pgbd"), targets, layer, teacher)
 
 
 @DEFENSES.register("nt-pgbd")
-def _nt_pgbd(cfg: Dict[str, Any], targets: torch.Tensor, layer: str) -> Method:
-    return PGBDMethod(_pgbd_config(cfg, layer, "nt"), targets, layer)
+def _nt_pgbd(cfg: Dict[str, Any], targets: torch.Tensor, layer: str, teacher=None) -> Method:
+    return PGBDMethod(_pgbd_config(cfg, layer, "nt"), targets, layer, teacher)
+
+
+@DEFENSES.register("st-pgbd")
+def _st_pgbd(cfg: Dict[str, Any], targets: torch.Tensor, layer: str, teacher=None) -> Method:
+    return PGBDMethod(_pgbd_config(cfg, layer, "st"), targets, layer, teacher)
 
 
 @DEFENSES.register("ft")
-def _ft(cfg: Dict[str, Any], targets: torch.Tensor, layer: str) -> Method:
+def _ft(cfg: Dict[str, Any], targets: torch.Tensor, layer: str, teacher=None) -> Method:
     return Method(LoopConfig(**loop_settings(cfg)))
 
 
 @DEFENSES.register("nad")
-def _nad(cfg: Dict[str, Any], targets: torch.Tensor, layer: str) -> Method:
+def _nad(cfg: Dict[str, Any], targets: torch.Tensor, layer: str, teacher=None) -> Method:
     return NADMethod(NADConfig(**loop_settings(cfg), te_epochs=cfg["te_epochs"], betas=tuple(cfg["betas"]),
                                p=cfg["p"], layers=tuple(cfg["nad_layers"])))
 
 
 @DEFENSES.register("ft-sam")
-def _ftsam(cfg: Dict[str, Any], targets: torch.Tensor, layer: str) -> Method:
+def _ftsam(cfg: Dict[str, Any], targets: torch.Tensor, layer: str, teacher=None) -> Method:
     return FTSAMMethod(FTSAMConfig(**loop_settings(cfg), rho=cfg["rho"], adaptive=cfg["adaptive"],
                                    label_smoothing=cfg["label_smoothing"]))
 
 
 @DEFENSES.register("i-bau")
-def _ibau(cfg: Dict[str, Any], targets: torch.Tensor, layer: str) -> Method:
+def _ibau(cfg: Dict[str, Any], targets: torch.Tensor, layer: str, teacher=None) -> Method:
     return IBAUMethod(IBAUConfig(**loop_settings(cfg), inner_steps=cfg["inner_steps"], inner_lr=cfg["inner_lr"],
                                  eps=cfg["pert_norm"], fixed_point_iters=cfg["K"]))
 
 
-def build_method(name: str, cfg: Dict[str, Any], targets: torch.Tensor, layer: str) -> Method:
-    method = DEFENSES.get(name)(cfg, targets, layer)
+def build_method(name: str, cfg: Dict[str, Any], targets: torch.Tensor, layer: str,
+                 teacher_features: Optional[torch.Tensor] = None) -> Method:
+    """``teacher_features`` (rows matching the training images) turn on PGBD's large-model
+    mapping; the baselines have no use for them."""
+    if teacher_features is not None and name not in ("pgbd", "nt-pgbd"):
+        raise ValueError(f"the large-model mapping is a setting of pgbd and nt-pgbd, not of {name}")
+    method = DEFENSES.get(name)(cfg, targets, layer, teacher_features)
     method.name = name
     return method

@@ -132,26 +132,34 @@ class Selection:
             raise ValueError("invalid selection settings: " + "; ".join(found))
 
 
-def split_validation(clean: ImageSet, share: float, seed: int):
-    """(train, validation) with ``share`` of each class held out (at least one sample of
-    a class with two or more), so validation accuracy covers every class."""
+def split_positions(labels: torch.Tensor, share: float, seed: int):
+    """(kept, held) positions: ``share`` of each class held out (at least one sample of a
+    class with two or more), so validation accuracy covers every class."""
+    all_pos = torch.arange(len(labels))
     if share <= 0:
-        return clean, None
+        return all_pos, None
     gen = torch.Generator().manual_seed(seed + 7919)
     held = []
-    for c in torch.unique(clean.labels).tolist():
-        idx = torch.nonzero(clean.labels == c).flatten()
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
         if len(idx) < 2:
             continue
         idx = idx[torch.randperm(len(idx), generator=gen)]
         held.append(idx[: max(1, int(round(share * len(idx))))])
     if not held:
-        return clean, None
+        return all_pos, None
     held_idx = torch.cat(held).sort().values
-    keep = torch.ones(len(clean), dtype=torch.bool)
+    keep = torch.ones(len(labels), dtype=torch.bool)
     keep[held_idx] = False
-    return (ImageSet(clean.images[keep], clean.labels[keep]),
-            ImageSet(clean.images[held_idx], clean.labels[held_idx]))
+    return all_pos[keep], held_idx
+
+
+def split_validation(clean: ImageSet, share: float, seed: int):
+    """(train, validation) ImageSets of :func:`split_positions` (validation None when nothing is held out)."""
+    kept, held = split_positions(clean.labels, share, seed)
+    if held is None:
+        return clean, None
+    return (ImageSet(clean.images[kept], clean.labels[kept]), ImageSet(clean.images[held], clean.labels[held]))
 
 
 @torch.no_grad()
@@ -196,6 +204,14 @@ class Method:
 
     def load_state_dict(self, state: dict, model, device: str) -> None:
         """Restore what ``state_dict`` saved; ``model`` is the model being fine-tuned."""
+
+    def restore_data(self, train: ImageSet) -> None:
+        """After a resume: rebuild data derived in ``start`` from what ``load_state_dict`` restored."""
+
+    def write_artifacts(self, out) -> dict:
+        """Write what the defense made besides the model (figures, tensors) into ``out``;
+        return the facts about it that belong in summary.json."""
+        return {}
 
 
 @contextlib.contextmanager
@@ -275,6 +291,7 @@ def finetune(model: torch.nn.Module, method: Method, train: ImageSet, normalize:
             sched.load_state_dict(saved["scheduler"])
         gen.set_state(saved["generator"])
         method.load_state_dict(saved["method"], model, device)
+        method.restore_data(train)
         history = list(saved["history"])
         best_acc, best_epoch, best_state = saved["best_acc"], saved["best_epoch"], saved["best_state"]
         val_before, initial_state = saved["val_before"], saved["initial_state"]

@@ -208,3 +208,20 @@ def pure_pavs(prototypes: torch.Tensor, targets: torch.Tensor, available: Option
     pavs = prototypes[safe_t] - prototypes
     pavs[~active] = 0.0
     return pavs, active
+
+
+def shift_pavs(clean_means: torch.Tensor, shifted_means: torch.Tensor, targets: torch.Tensor,
+               available: Optional[torch.Tensor] = None):
+    """ST-PGBD's PAVs V_c = P'_c - P_c, with P'_c the prototype of class c's samples carrying
+    the synthesized trigger, and the mask of classes that get a sanitization term (the
+    target class, classes without a target and classes lacking either prototype are out)."""
+    k = clean_means.shape[0]
+    if targets.shape != (k,) or shifted_means.shape != clean_means.shape:
+        raise ValueError(f"need {k} targets and matching prototype sets, got {tuple(targets.shape)}, "
+                         f"{tuple(clean_means.shape)} and {tuple(shifted_means.shape)}")
+    if available is None:
+        available = torch.ones(k, dtype=torch.bool)
+    active = (targets >= 0) & (targets < k) & (targets != torch.arange(k)) & available
+    pavs = shifted_means - clean_means
+    pavs[~active] = 0.0
+    return pavs, active

@@ -25,7 +25,6 @@ import torch
 from . import __version__
 from . import data as data_mod
 from .attacks import ATTACKS
-from .attacks.base import label_mapping
 from .atomic import atomic_write_text
 from .batches import Normalizer
 from .config import DEFAULT_PRESET, PRESETS, ConfigError, merge, read_yaml
@@ -35,20 +34,22 @@ from .metrics import DEM, dem, evaluate
 from .models import MODELS, ModelMismatchError
 from .bench.checkout import find_checkout, require_checkout
 from .bench.compare import BenchRunError
-from .defenses import DEFENSES, build_method
-from .finetune import NonFiniteLossError, ResumeMismatchError, Selection, finetune, split_validation
+from .defenses import DEFENSES, VARIANT_DEFENSES, build_method
+from .mapping import MappingError, cached_backbone_features, features_from_file, parse_source
+from .finetune import NonFiniteLossError, ResumeMismatchError, Selection, finetune, split_positions
 from .prototypes import LayerNotFoundError, last_conv_name, find_layer
 from .records import AttackRecord, RecordError, load_attack_record, write_defense_result
 from .registry import UnknownNameError
 from .results import (ExistingResultError, log_file_path, prepare_defense_dir, read_index, write_epoch_tables,
                       write_index, write_summary)
 from .safe_pickle import UnreadableFileError, UnsafeRecordError
+from .targets import defended_targets, resolve_targets  # noqa: F401 (resolve_targets: public here)
 
 log = logging.getLogger("pgbd_defense")
 
 USER_ERRORS = (ConfigError, DataNotFoundError, RecordError, UnsafeRecordError, UnreadableFileError,
                ModelMismatchError, LayerNotFoundError, UnknownNameError, ExistingResultError, NonFiniteLossError,
-               ResumeMismatchError, BenchRunError, ValueError, FileNotFoundError)
+               ResumeMismatchError, BenchRunError, MappingError, ValueError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +90,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"defaults to start from (default {DEFAULT_PRESET}; 'paper' = the paper's settings)")
     g.add_argument("--config", help="YAML file of settings (BackdoorBench key names); flags override it")
     g.add_argument("--target", help="attack label(s) to defend against: 'record' (read from the record's "
-                   "poisoned test set), a class index, or 'all2all'")
+                   "poisoned test set), a class index, 'all2all', or 'auto' (Neural Cleanse-style inference)")
+    g.add_argument("--variant", choices=sorted(VARIANT_DEFENSES),
+                   help="pgbd (target known), nt (NT-PGBD: no target) or st (ST-PGBD: synthesized trigger); "
+                        "same as --defense pgbd|nt-pgbd|st-pgbd")
+    g.add_argument("--mapping", help="large-model mapping: off (default), a teacher features file (.pt), or "
+                   "torchvision:NAME:WEIGHTS_FILE (local weights; nothing is downloaded)")
+    g.add_argument("--mapping-components", dest="mapping_components", type=int, help="teacher PCA channels (64)")
+    g.add_argument("--mapping-steps", dest="mapping_steps", type=int, help="mapping optimizer steps at most")
+    g.add_argument("--inversion-steps", dest="inversion_steps", type=int,
+                   help="--target auto: trigger-search steps per class")
+    g.add_argument("--inversion-batch-size", dest="inversion_batch_size", type=int)
+    g.add_argument("--inversion-classes", dest="inversion_classes",
+                   type=lambda v: [int(c) for c in v.split(",") if c], help="--target auto: only these classes")
+    g.add_argument("--inversion-scale", dest="inversion_scale", choices=["log", "linear"],
+                   help="--target auto: anomaly index on log norms (default) or on norms (Neural Cleanse)")
+    g.add_argument("--nt-topk", dest="nt_topk", type=int,
+                   help="NT-PGBD with --target auto: cycle through the top k inferred classes (0: all)")
+    g.add_argument("--st-steps", dest="st_steps", type=int, help="ST-PGBD: trigger-search steps")
     g.add_argument("--layer", help="named module whose activations PGBD manipulates (default: last conv)")
     g.add_argument("--lambda", dest="lambda", type=float, help="weight of the sanitization loss")
     g.add_argument("--loss-form", dest="loss_form", choices=["cos", "abs_cos", "relu_cos"])
@@ -139,24 +157,8 @@ CLI_KEYS = ["attack", "dataset", "model", "width", "pratio", "attack_target", "a
             "target", "layer", "lambda", "loss_form", "reduction", "clusters", "update_gap", "alpha", "lr", "epochs",
             "batch_size", "ratio", "index", "random_seed", "eval_every", "grad_clip", "freeze_bn", "augment",
             "lr_scheduler", "proto_memory_mb", "val_share", "select", "collapse_margin", "collapse_patience",
-            "optimizer", "te_epochs", "rho", "warmup_epochs", "cycle", "nt_classes"]
-
-
-def resolve_targets(spec: Any, record: AttackRecord) -> torch.Tensor:
-    """The attack label of each class, as PGBD needs it."""
-    k = record.num_classes
-    if spec in (None, "record"):
-        mapping = record.target_labels()
-        if (mapping < 0).all():
-            raise RecordError("the record's poisoned test set is empty: give the target with --target N")
-        return mapping
-    if spec == "all2all":
-        return label_mapping(k, "all2all", 0)
-    try:
-        t = int(spec)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--target must be 'record', 'all2all' or a class index, got {spec!r}") from None
-    return label_mapping(k, "all2one", t)
+            "optimizer", "te_epochs", "rho", "warmup_epochs", "cycle", "nt_classes", "mapping", "mapping_components",
+            "mapping_steps", "inversion_steps", "inversion_batch_size", "inversion_classes", "inversion_scale", "nt_topk", "st_steps"]
 
 
 def draw_clean_subset(n_train: int, ratio: float, seed: int) -> List[int]:
@@ -226,6 +228,20 @@ def poisoned_evaluation(record: AttackRecord, record_dir: Path, normalize: Norma
     return metrics
 
 
+def teacher_features(cfg: Dict[str, Any], train: data_mod.ImageSet, rows: List[int], indices: List[int],
+                     record_dir: Path, device: str) -> Optional[torch.Tensor]:
+    """Teacher features of the training images for the large-model mapping (None when off).
+    ``rows``: the training images' positions in the clean subset, whose record indices are ``indices``."""
+    source = parse_source(cfg["mapping"])
+    if source is None:
+        return None
+    kind, where, weights = source
+    if kind == "file":
+        return features_from_file(where, rows, indices)
+    return cached_backbone_features(where, weights, train.images, Path(record_dir) / "defense",
+                                    int(cfg["teacher_input_size"]), device)
+
+
 def obtain_record(cfg: Dict[str, Any], args) -> Path:
     if args.record:
         return Path(args.record)
@@ -267,7 +283,10 @@ def _run(args) -> int:
     cli = {k: getattr(args, k, None) for k in CLI_KEYS}
     yaml_values = read_yaml(args.config)
     named = [yaml_values.pop(k, None) for k in ("defense", "variant")]  # bench_configs name the variant
-    defense = args.defense or next((n for n in named if n), None) or "pgbd"
+    if args.variant and args.defense and VARIANT_DEFENSES[args.variant] != args.defense:
+        raise ConfigError(f"--variant {args.variant} and --defense {args.defense} disagree: give one of them")
+    defense = args.defense or (VARIANT_DEFENSES[args.variant] if args.variant else None) or \
+        next((VARIANT_DEFENSES.get(n, n) for n in named if n), None) or "pgbd"
     DEFENSES.get(defense)  # an unknown name fails before any work
     args.defense = defense
     args.defense_name = args.defense_name or defense
@@ -335,7 +354,6 @@ def _defend(args, cfg, record: AttackRecord, record_dir: Path, out: Path) -> int
     info = data_mod.dataset_info(record.clean_data)
     mean, std = record.normalization or (info.mean, info.std)
     normalize = Normalizer(mean, std, record.clean_test.images.shape[1])
-    targets = resolve_targets(cfg["target"], record)
     layer = cfg["layer"] or last_conv_name(record.model)
     find_layer(record.model, layer)
     n_train = len(record.clean_train)
@@ -344,8 +362,12 @@ def _defend(args, cfg, record: AttackRecord, record_dir: Path, out: Path) -> int
     clean = data_mod.ImageSet(record.clean_train.images[indices], record.clean_train.labels[indices])
     selection = Selection(val_share=cfg["val_share"], select=cfg["select"], collapse_margin=cfg["collapse_margin"],
                           collapse_patience=cfg["collapse_patience"])
-    train, val = split_validation(clean, selection.val_share, cfg["random_seed"])
-    method = build_method(args.defense, cfg, targets, layer)
+    kept, held = split_positions(clean.labels, selection.val_share, cfg["random_seed"])
+    train = data_mod.ImageSet(clean.images[kept], clean.labels[kept])
+    val = data_mod.ImageSet(clean.images[held], clean.labels[held]) if held is not None else None
+    targets, inference = defended_targets(cfg, record, train, normalize, out, args.device)
+    teacher = teacher_features(cfg, train, kept.tolist(), indices, record_dir, args.device)
+    method = build_method(args.defense, cfg, targets, layer, teacher)
     log.info("record %s: %s, %d classes, targets %s; clean subset %d samples (%d train, %d held out); "
              "defense %s; layer %s", record_dir, record.model_name, record.num_classes, targets.tolist(), len(clean),
              len(train), len(val) if val is not None else 0, args.defense, layer)
@@ -398,8 +420,13 @@ def _defend(args, cfg, record: AttackRecord, record_dir: Path, out: Path) -> int
         "val_samples": len(val) if val is not None else 0, "selected_epoch": result.selected_epoch,
         "epochs_run": len(rows), "collapsed": result.collapsed, "val_acc_before": result.val_acc_before,
         "val_acc_selected": rows[result.selected_epoch].get("val_acc") if result.selected_epoch >= 0 else
-        result.val_acc_before, "seed": cfg["random_seed"], "environment": environment(),
+        result.val_acc_before, "seed": cfg["random_seed"], "targets": targets.tolist(),
+        "environment": environment(),
     }
+    if inference is not None:
+        summary["target_inference"] = {"target": inference.target, "flagged": inference.flagged,
+                                       "ranking": inference.ranking, "file": "target_inference.csv"}
+    summary.update(method.write_artifacts(out))
     write_defense_result(out, record.model, record.model_name, record.num_classes)
     write_epoch_tables(out, args.defense_name, rows)
     if getattr(method, "teacher_history", None):  # NAD's teacher, as BackdoorBench writes nad_te_df.csv

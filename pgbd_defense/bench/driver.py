@@ -22,7 +22,10 @@ log = logging.getLogger("pgbd_defense.bench")
 # Our flags forwarded to defense/pgbd.py when given explicitly (its spelling).
 FORWARD = {"epochs": "--epochs", "batch_size": "--batch_size", "lr": "--lr", "lambda": "--lambda",
            "loss_form": "--loss_form", "reduction": "--reduction", "layer": "--layer", "target": "--target",
-           "ratio": "--ratio", "random_seed": "--random_seed", "update_gap": "--update_gap", "alpha": "--alpha"}
+           "ratio": "--ratio", "random_seed": "--random_seed", "update_gap": "--update_gap", "alpha": "--alpha",
+           "mapping": "--mapping", "mapping_components": "--mapping_components", "mapping_steps": "--mapping_steps",
+           "inversion_steps": "--inversion_steps", "inversion_batch_size": "--inversion_batch_size",
+           "nt_topk": "--nt_topk", "st_steps": "--st_steps"}
 
 
 def _config_for(root: Path, dataset: str) -> str:
@@ -40,7 +43,7 @@ def run_in_checkout(args, cfg: Dict[str, Any], root: Path) -> int:
         log.info("using the record %s", record)
     else:
         record = run_bench_attack(root, cfg["attack"], dataset, name, shlex.split(args.attack_args or ""))
-    variant = "nt-pgbd" if args.defense == "nt-pgbd" else "pgbd"
+    variant = args.defense if args.defense in ("pgbd", "nt-pgbd", "st-pgbd") else "pgbd"
     cmd = [sys.executable, "./defense/pgbd.py", "--result_file", name, "--yaml_path", _config_for(root, dataset),
            "--dataset", dataset, "--device", args.device, "--preset", args.preset, "--variant", variant]
     for key, flag in FORWARD.items():

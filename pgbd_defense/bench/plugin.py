@@ -39,7 +39,9 @@ log = logging.getLogger("pgbd_defense.bench")
 # Command-line keys (BackdoorBench spells them with underscores) that become our settings.
 SETTINGS = ["epochs", "batch_size", "lr", "lr_scheduler", "sgd_momentum", "wd", "ratio", "index", "random_seed",
             "model", "lambda", "loss_form", "reduction", "layer", "target", "clusters", "update_gap", "alpha",
-            "grad_clip", "cycle", "val_share", "select", "collapse_margin", "warmup_epochs"]
+            "grad_clip", "cycle", "val_share", "select", "collapse_margin", "warmup_epochs", "nt_classes", "nt_topk",
+            "mapping", "mapping_components", "mapping_steps", "inversion_steps", "inversion_batch_size",
+            "inversion_classes", "st_steps"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,12 +65,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--amp", type=str, help="accepted for compatibility (full precision is used)")
     g = parser.add_argument_group("PGBD")
     g.add_argument("--preset", default="paper", help="defaults under the YAML (paper or cpu; default paper)")
-    g.add_argument("--variant", choices=["pgbd", "nt-pgbd"], default=None, help="pgbd (target known) or nt-pgbd")
+    g.add_argument("--variant", choices=["pgbd", "nt", "st", "nt-pgbd", "st-pgbd"], default=None,
+                   help="pgbd (target known), nt (NT-PGBD, no target) or st (ST-PGBD, synthesized trigger)")
     g.add_argument("--lambda", dest="lambda", type=float)
     g.add_argument("--loss_form", choices=["cos", "abs_cos", "relu_cos"])
     g.add_argument("--reduction", choices=["sum", "mean"])
     g.add_argument("--layer", type=str)
-    g.add_argument("--target", type=str, help="record (default), a class index, or all2all")
+    g.add_argument("--target", type=str, help="record (default), a class index, all2all, or auto (inferred)")
+    g.add_argument("--nt_classes", type=lambda v: [int(c) for c in v.split(",") if c])
+    g.add_argument("--nt_topk", type=int, help="NT-PGBD with --target auto: cycle through the top k classes")
+    g.add_argument("--mapping", type=str, help="off, a teacher features file, or torchvision:NAME:WEIGHTS_FILE")
+    g.add_argument("--mapping_components", type=int)
+    g.add_argument("--mapping_steps", type=int)
+    g.add_argument("--inversion_steps", type=int)
+    g.add_argument("--inversion_batch_size", type=int)
+    g.add_argument("--inversion_classes", type=lambda v: [int(c) for c in v.split(",") if c])
+    g.add_argument("--st_steps", type=int)
     g.add_argument("--clusters", type=int)
     g.add_argument("--update_gap", type=int)
     g.add_argument("--alpha", type=float)
@@ -147,7 +159,10 @@ def defense_class():
             self.args.save_path = str(self.record_dir / "defense" / self.name())
 
         def name(self) -> str:
-            return self.args.variant or self.yaml_values.get("variant") or "pgbd"
+            from ..defenses import VARIANT_DEFENSES
+
+            named = self.args.variant or self.yaml_values.get("variant") or "pgbd"
+            return VARIANT_DEFENSES.get(named, named)
 
         def set_trainer(self, model):
             self.model = model

@@ -1,0 +1,79 @@
+"""Which label each class is attacked towards: from the record, the user, or inferred.
+
+``--target`` takes ``record`` (read off the record's poisoned test set, the
+default), a class index, ``all2all`` (class c -> c+1 mod K) or ``auto`` (Neural
+Cleanse-style inference on the defender's clean data, ``inversion.py``)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from .atomic import atomic_write_text
+from .attacks.base import label_mapping
+from .batches import Normalizer
+from .config import ConfigError
+from .data import ImageSet
+from .inversion import Inference, InversionConfig, infer_target
+from .records import AttackRecord, RecordError
+
+log = logging.getLogger(__name__)
+
+SPECS = "'record', 'auto', 'all2all' or a class index"
+
+
+def resolve_targets(spec: Any, record: AttackRecord) -> torch.Tensor:
+    """The attack label of each class for every spec but ``auto`` (see :func:`defended_targets`)."""
+    k = record.num_classes
+    if spec in (None, "record"):
+        mapping = record.target_labels()
+        if (mapping < 0).all():
+            raise RecordError("the record's poisoned test set is empty: give the target with --target N or auto")
+        return mapping
+    if spec == "all2all":
+        return label_mapping(k, "all2all", 0)
+    try:
+        t = int(spec)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--target must be {SPECS}, got {spec!r}") from None
+    if not 0 <= t < k:
+        raise ConfigError(f"--target {t} is not a class of this {k}-class model (0..{k - 1})")
+    return label_mapping(k, "all2one", t)
+
+
+def write_inference(inference: Inference, out: Path) -> None:
+    """``target_inference.csv`` (one row per class) and ``target_inference.json`` in ``out``."""
+    rows = inference.rows()
+    with open(Path(out) / "target_inference.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    atomic_write_text(Path(out) / "target_inference.json", json.dumps(inference.to_dict(), indent=2))
+
+
+def defended_targets(cfg: Dict[str, Any], record: AttackRecord, train: ImageSet, normalize: Normalizer,
+                     out: Path, device: str = "cpu") -> Tuple[torch.Tensor, Optional[Inference]]:
+    """The targets the defense uses and, for ``auto``, the inference behind them (written to ``out``).
+
+    With ``auto``, NT-PGBD's classes become the top ``nt_topk`` of the ranking when
+    ``nt_topk`` > 0 (``cfg`` is updated in place)."""
+    if cfg["target"] != "auto":
+        return resolve_targets(cfg["target"], record), None
+    inv = InversionConfig(steps=int(cfg["inversion_steps"]), batch_size=int(cfg["inversion_batch_size"]),
+                          seed=int(cfg["random_seed"]))
+    inference = infer_target(record.model, train, record.num_classes, normalize, inv,
+                             classes=cfg["inversion_classes"] or None, scale=cfg["inversion_scale"], device=device)
+    write_inference(inference, out)
+    log.info("target inference: ranking %s, anomaly indices %s; %s", inference.ranking,
+             [round(a, 2) for a in inference.anomaly],
+             f"flagged {inference.flagged}" if inference.flagged else
+             f"no class is an outlier (index > {inference.threshold}): using the top of the ranking")
+    if int(cfg.get("nt_topk") or 0) > 0:
+        cfg["nt_classes"] = inference.ranking[: int(cfg["nt_topk"])]
+        log.info("NT-PGBD cycles through the top %d inferred classes: %s", int(cfg["nt_topk"]), cfg["nt_classes"])
+    return label_mapping(record.num_classes, "all2one", inference.target), inference
