@@ -31,7 +31,6 @@ from sklearn.decomposition import PCA
 
 from .atomic import atomic_torch_save
 from .batches import Normalizer
-from .data import ImageSet
 from .prototypes import capture, estimate_prototypes
 
 log = logging.getLogger(__name__)
@@ -254,17 +253,24 @@ def features_from_file(path: str, rows: Sequence[int], subset_indices: Sequence[
     return feats[list(rows)].float()
 
 
+def _head_classes(state: dict) -> Optional[int]:
+    """The class count of a torchvision classifier's state_dict (its last 2-d weight)."""
+    heads = [v for k, v in state.items() if k.endswith("weight") and getattr(v, "dim", lambda: 0)() == 2]
+    return int(heads[-1].shape[0]) if heads else None
+
+
 def backbone_trunk(name: str, weights: str) -> torch.nn.Module:
-    """A torchvision classifier's convolutional trunk, with the user's local weights."""
+    """A torchvision classifier's convolutional trunk, with the user's local weights
+    (an ImageNet head or any other class count)."""
     import torchvision
 
-    try:
-        net = torchvision.models.get_model(name, weights=None)
-    except ValueError as e:
-        raise MappingError(f"torchvision has no model {name!r} ({e})") from None
     state = torch.load(weights, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
+    try:
+        net = torchvision.models.get_model(name, weights=None, num_classes=_head_classes(state) or 1000)
+    except ValueError as e:
+        raise MappingError(f"torchvision has no model {name!r} ({e})") from None
     try:
         net.load_state_dict(state)
     except RuntimeError as e:

@@ -43,7 +43,7 @@ from .registry import UnknownNameError
 from .results import (ExistingResultError, log_file_path, prepare_defense_dir, read_index, write_epoch_tables,
                       write_index, write_summary)
 from .safe_pickle import UnreadableFileError, UnsafeRecordError
-from .targets import defended_targets, resolve_targets  # noqa: F401 (resolve_targets: public here)
+from .targets import defended_targets
 
 log = logging.getLogger("pgbd_defense")
 
@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "same as --defense pgbd|nt-pgbd|st-pgbd")
     g.add_argument("--mapping", help="large-model mapping: off (default), a teacher features file (.pt), or "
                    "torchvision:NAME:WEIGHTS_FILE (local weights; nothing is downloaded)")
+    g.add_argument("--teacher-input-size", dest="teacher_input_size", type=int,
+                   help="side in pixels the teacher backbone sees (224 for ImageNet weights)")
     g.add_argument("--mapping-components", dest="mapping_components", type=int, help="teacher PCA channels (64)")
     g.add_argument("--mapping-steps", dest="mapping_steps", type=int, help="mapping optimizer steps at most")
     g.add_argument("--inversion-steps", dest="inversion_steps", type=int,
@@ -158,7 +160,7 @@ CLI_KEYS = ["attack", "dataset", "model", "width", "pratio", "attack_target", "a
             "batch_size", "ratio", "index", "random_seed", "eval_every", "grad_clip", "freeze_bn", "augment",
             "lr_scheduler", "proto_memory_mb", "val_share", "select", "collapse_margin", "collapse_patience",
             "optimizer", "te_epochs", "rho", "warmup_epochs", "cycle", "nt_classes", "mapping", "mapping_components",
-            "mapping_steps", "inversion_steps", "inversion_batch_size", "inversion_classes", "inversion_scale", "nt_topk", "st_steps"]
+            "mapping_steps", "inversion_steps", "inversion_batch_size", "inversion_classes", "inversion_scale", "nt_topk", "st_steps", "teacher_input_size"]
 
 
 def draw_clean_subset(n_train: int, ratio: float, seed: int) -> List[int]:

@@ -42,7 +42,7 @@ def resolve_targets(spec: Any, record: AttackRecord) -> torch.Tensor:
     except (TypeError, ValueError):
         raise ConfigError(f"--target must be {SPECS}, got {spec!r}") from None
     if not 0 <= t < k:
-        raise ConfigError(f"--target {t} is not a class of this {k}-class model (0..{k - 1})")
+        raise ConfigError(f"--target {t} is out of range: this {k}-class model has classes 0..{k - 1}")
     return label_mapping(k, "all2one", t)
 
 

@@ -1,0 +1,136 @@
+"""Figures: the alignment measure and Grad-CAM against known answers, and every
+figure command writing a PNG and its CSV from a tiny record."""
+
+import csv
+
+import pytest
+import torch
+
+from pgbd_defense.alignment import alignment_from_activations, last_stage_convs
+from pgbd_defense.figures import main as figures
+from pgbd_defense.gradcam import grad_cam
+from pgbd_defense.models import build_model
+from pgbd_defense.run import main as run
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _clusters(centers, per_class=30, noise=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    acts = torch.cat([c + noise * torch.randn(per_class, len(c), generator=g) for c in centers])
+    labels = torch.arange(len(centers)).repeat_interleave(per_class)
+    return acts, labels
+
+
+def test_alignment_is_one_when_the_trigger_moves_towards_the_target_and_zero_when_orthogonal():
+    centers = torch.tensor([[0.0, 0.0, 0.0, 0.0], [4.0, 0.0, 0.0, 0.0], [0.0, 4.0, 0.0, 0.0]])
+    acts, labels = _clusters(centers)
+    plain, bd_labels = _clusters(centers[1:], seed=1)
+    bd_labels = bd_labels + 1
+    # The trigger carries every image exactly onto the target's prototype direction (target 0).
+    toward = plain + (centers[0] - centers[bd_labels])
+    res = alignment_from_activations(acts, labels, toward, plain, bd_labels, target=0, num_classes=3)
+    assert res.per_class == pytest.approx({1: 1.0, 2: 1.0}, abs=1e-2)
+    # reference: class 1's PAV towards class 2 is (-4, 4) vs the shift (-4, 0): cos = 1/sqrt(2)
+    assert res.reference[1] == pytest.approx(2 ** -0.5, abs=2e-2)
+    # A trigger that moves along an unused dimension is orthogonal to every PAV.
+    sideways = plain + torch.tensor([0.0, 0.0, 0.0, 3.0])
+    res = alignment_from_activations(acts, labels, sideways, plain, bd_labels, target=0, num_classes=3)
+    assert res.mean == pytest.approx(0.0, abs=3e-2)
+
+
+def test_last_stage_convs_of_preact_resnet():
+    assert last_stage_convs(build_model("preactresnet18", 10, 1, 0.125)) == [
+        "layer2.1.conv2", "layer3.1.conv2", "layer4.1.conv2"]
+
+
+class LinearHead(torch.nn.Module):
+    """conv (2 channels) -> ReLU -> global mean -> logits = V @ channel means."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 2, 1)
+        with torch.no_grad():
+            self.conv.weight[:] = torch.tensor([1.0, -1.0]).view(2, 1, 1, 1)
+            self.conv.bias.zero_()
+        self.v = torch.tensor([[2.0, 1.0], [-1.0, 3.0]])
+
+    def forward(self, x):
+        return self.conv(x).relu().mean((2, 3)) @ self.v.T
+
+
+def test_grad_cam_equals_the_hand_formula_and_finds_the_corner():
+    x = torch.full((3, 1, 8, 8), 0.05)
+    x[:, :, :3, :3] = 1.0  # the evidence sits in the top-left corner
+    model = LinearHead()
+    cam = grad_cam(model, "conv", x, classes=torch.tensor([0, 0, 0]))
+    # d logit_0 / d A_k = V[0, k] / (H W): weights V[0]/64; A_1 = relu(-x) = 0, so the map is 2 x / 64.
+    expected = (2.0 * x[:, 0] / 64).relu()
+    assert torch.allclose(cam, expected / expected.flatten(1).max(1).values.view(-1, 1, 1), atol=1e-6)
+    assert (cam[:, :3, :3] == 1).all() and cam[:, 4:, 4:].max() < 0.1
+    assert model.training  # mode restored
+
+
+def test_grad_cam_of_a_real_network_is_a_valid_map():
+    model = build_model("preactresnet18", 10, 1, 0.125)
+    cam = grad_cam(model, "layer4.1.conv2", torch.randn(2, 1, 28, 28))
+    assert cam.shape == (2, 28, 28) and cam.min() >= 0 and cam.max() <= 1 + 1e-6
+
+
+def _csv_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def tiny_record(tmp_path, tiny_data):
+    assert run(["--attack", "badnet", "--dataset", "mnist", "--data-root", str(tiny_data), "--record-root",
+                str(tmp_path / "record"), "--attack-epochs", "2", "--epochs", "1", "--ratio", "0.5",
+                "--no-progress"]) == 0
+    (record,) = (tmp_path / "record").iterdir()
+    return record
+
+
+def test_alignment_and_gradcam_commands_write_png_and_csv(tiny_record, tiny_data, tmp_path):
+    out = tmp_path / "fig"
+    assert figures(["alignment", "--record", str(tiny_record), "--data-root", str(tiny_data), "--out", str(out),
+                    "--ratio", "0.5"]) == 0
+    for name in ("alignment.png", "projection.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    rows = _csv_rows(out / "alignment.csv")
+    assert {r["layer"] for r in rows} == {"layer2.1.conv2", "layer3.1.conv2", "layer4.1.conv2"}
+    assert all(-1 <= float(r["cos_pav_gt"]) <= 1 for r in rows)
+    assert figures(["gradcam", "--record", str(tiny_record), "--data-root", str(tiny_data), "--out", str(out),
+                    "--count", "4"]) == 0
+    assert (out / "gradcam.png").read_bytes()[:8] == PNG
+    rows = _csv_rows(out / "gradcam.csv")
+    assert len(rows) == 4 and all(0 <= float(r["cam_on_trigger_after"]) <= 1 for r in rows)
+    # A missing defense folder is a clear error, not a traceback.
+    assert figures(["gradcam", "--record", str(tiny_record), "--data-root", str(tiny_data), "--out", str(out),
+                    "--defense-dir", str(tmp_path / "nowhere")]) == 2
+
+
+def test_ablation_and_mapping_commands_write_png_and_csv(tiny_record, tiny_data, tmp_path):
+    out = tmp_path / "fig"
+    base = ["--data-root", str(tiny_data), "--out", str(out)]
+    assert figures(["ablation", "--record", str(tiny_record), "--param", "lambda", "--values", "0,1", *base]) == 0
+    rows = _csv_rows(out / "ablation_lambda.csv")
+    assert [r["value"] for r in rows] == ["0.0", "1.0"] and all(r["status"] == "ok" for r in rows)
+    assert (out / "ablation_lambda.png").read_bytes()[:8] == PNG
+    # cached: a second call reads the cells
+    assert figures(["ablation", "--record", str(tiny_record), "--param", "lambda", "--values", "0,1", *base]) == 0
+    assert all(r["status"] == "cached" for r in _csv_rows(out / "ablation_lambda.csv"))
+    assert figures(["ablation", "--param", "poison-ratio", "--values", "0.1,0.2", "--dataset", "mnist",
+                    "--record-root", str(tmp_path / "records2"), *base]) == 0
+    assert len(_csv_rows(out / "ablation_poison-ratio.csv")) == 2
+    assert len(list((tmp_path / "records2").iterdir())) == 2  # one record per poisoning ratio
+    index = (tiny_record / "clean_subset_0.05_0.txt")
+    n = len(index.read_text().split())
+    feats = tmp_path / "teacher.pt"
+    torch.save({"features": torch.randn(n, 16, 2, 2), "index": [int(i) for i in index.read_text().split()]}, feats)
+    assert figures(["mapping", "--record", str(tiny_record), "--teacher", str(feats), *base]) == 0
+    rows = _csv_rows(out / "mapping.csv")
+    assert [r["setting"] for r in rows] == ["without mapping", "with mapping"]
+    assert (out / "mapping.png").read_bytes()[:8] == PNG
+    # A setting that needs a record says so.
+    assert figures(["ablation", "--param", "lambda", "--values", "1", *base]) == 2
