@@ -23,6 +23,8 @@ COMMON = {
     "attack_batch_size": 128,
     "attack_train_subset": 0,
     "trigger_image": "",
+    "trojan_optimize": True,
+    "overlays": "",
     "ratio": 0.05,
     "index": None,
     "layer": None,

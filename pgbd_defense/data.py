@@ -42,6 +42,8 @@ INFO = {
     "tiny": DatasetInfo(200, (64, 64, 3), (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262), False),
     "mnist": DatasetInfo(10, (28, 28, 1), (0.5,), (0.5,), False),
     "fashion-mnist": DatasetInfo(10, (28, 28, 1), (0.5,), (0.5,), False),
+    # ROF faces (rof.py): no benchmark normalization exists; images are scaled to [-1, 1].
+    "rof": DatasetInfo(10, (64, 64, 3), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), True),
 }
 
 
@@ -201,6 +203,8 @@ def cifar100(root: Optional[str], train: bool, download: bool = False) -> ImageS
 def load_split(name: str, root: Optional[str], train: bool, download: bool = False,
                channels: Optional[int] = None) -> ImageSet:
     """Load one split of a registered data set, optionally served with ``channels`` channels."""
+    if name == "rof":
+        from . import rof  # noqa: F401  (registers the data set; kept apart, it needs the attacks)
     loader: Callable = DATASETS.get(name)
     split = loader(root, train, download)
     return split.with_channels(channels) if channels else split

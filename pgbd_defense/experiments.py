@@ -63,13 +63,21 @@ def shared_index(record: Path, ratio: float, seed: int, data_root: Optional[str]
     return path
 
 
+# Preset keys that only say how the standalone path makes a record: a cell always runs on
+# a given record (whose name digests its attack settings), so they cannot change a cell.
+ATTACK_KEYS = {"attack", "dataset", "model", "width", "pratio", "attack_target", "attack_label_trans",
+               "attack_epochs", "attack_lr", "attack_batch_size", "attack_train_subset", "attack_augment",
+               "trigger_image", "trojan_optimize", "overlays"}
+
+
 def defaults_fingerprint() -> str:
-    """Changes whenever a preset's values change, so a cached cell made under other
-    defaults (same command line, different meaning) is recomputed, not reused."""
+    """Changes whenever a preset's defense-side values change, so a cached cell made under
+    other defaults (same command line, different meaning) is recomputed, not reused."""
     from . import __version__
     from .config import DEFENSE_OVERRIDES, PRESETS
 
-    text = json.dumps([__version__, PRESETS, DEFENSE_OVERRIDES], sort_keys=True, default=str)
+    presets = {name: {k: v for k, v in values.items() if k not in ATTACK_KEYS} for name, values in PRESETS.items()}
+    text = json.dumps([__version__, presets, DEFENSE_OVERRIDES], sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 

@@ -254,7 +254,9 @@ def mapping_figure(record: Path, teacher: str, out: Path, args) -> Dict[str, Pat
     base = ["--preset", preset.run_preset, "--seed", str(args.seed), "--index", str(index), *preset.defense_args]
     rows = []
     for defense in args.defenses.split(","):
-        for label, extra in (("without mapping", []), ("with mapping", ["--mapping", teacher])):
+        mapped = ["--mapping", teacher] + (["--teacher-input-size", str(args.teacher_input_size)]
+                                           if args.teacher_input_size else [])
+        for label, extra in (("without mapping", []), ("with mapping", mapped)):
             r = run_cell(Cell(record, defense, base + extra), args.data_root, args.recompute, args.device)
             rows.append({"defense": defense, "setting": label, "status": r["status"], "ca": r.get("ca"),
                          "asr": r.get("asr"), "delta_c": r.get("delta_c"), "delta_a": r.get("delta_a"),
@@ -314,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(m)
     m.add_argument("--teacher", required=True, help="a features file or torchvision:NAME:WEIGHTS_FILE")
     m.add_argument("--defenses", default="pgbd", help="pgbd and/or nt-pgbd")
+    m.add_argument("--teacher-input-size", type=int, help="side in pixels the teacher backbone sees (default 224)")
     m.add_argument("--recompute", action="store_true")
     return p
 

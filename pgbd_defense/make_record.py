@@ -40,14 +40,29 @@ class AttackSettings:
     train_subset: int = 0  # 0: the whole training split
     augment: bool = True
     trigger_image: str = ""  # Blended: the user's trigger image (default: our generated pattern)
+    trojan_optimize: bool = True  # Trojan: optimize the patch TrojanNN-style (False: fixed white watermark)
+    overlays: str = ""  # rof-tattoo / rof-mask: comma-separated RGBA PNGs instead of our drawn overlays
     seed: int = 0
+
+
+def trigger_facts(attack) -> dict:
+    """What an optimized trigger is, kept in the record (TrojanNN: its neuron and activations)."""
+    if getattr(attack, "pattern", None) is None or getattr(attack, "neuron", None) is None:
+        return {}
+    return {"trojan_neuron": attack.neuron, "trojan_activation": attack.activation,
+            "trojan_pattern": attack.pattern.clone()}
 
 
 def record_name(s: AttackSettings) -> str:
     """BackdoorBench-style folder name (``badnet_0_1`` for ratio 0.1) with the data set,
     model and a digest of every other setting, so a reused record was made the same way."""
     ratio = f"{s.pratio:g}".replace(".", "_")
-    digest = hashlib.sha1(json.dumps(asdict(s), sort_keys=True).encode()).hexdigest()[:8]
+    settings = asdict(s)
+    if s.attack != "trojan":  # added later: other attacks' record names stay as they were
+        settings.pop("trojan_optimize")
+    if not s.overlays:
+        settings.pop("overlays")
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     return f"{s.attack}_{ratio}_{s.dataset}_{s.model}_{digest}"
 
 
@@ -61,8 +76,24 @@ def build_attack_record(folder: Path, s: AttackSettings, data_root: Optional[str
     if s.trigger_image and s.attack != "blended":
         raise ValueError(f"a trigger image is an option of the blended attack, not of {s.attack!r}")
     options = {"trigger_image": s.trigger_image} if s.trigger_image else {}
+    if s.attack == "trojan":
+        options["optimize"] = s.trojan_optimize
+    if s.attack == "rof-sunglasses":
+        options["data_root"] = data_root
+    if s.overlays:
+        if s.attack not in ("rof-tattoo", "rof-mask"):
+            raise ValueError(f"overlays are an option of rof-tattoo and rof-mask, not of {s.attack!r}")
+        options["overlays"] = [p for p in s.overlays.split(",") if p]
     attack = ATTACKS.get(s.attack)(num_classes=info.num_classes, target=s.target, ratio=s.pratio,
                                    mode=s.label_mode, seed=s.seed, **options)
+    normalize = Normalizer(info.mean, info.std, channels)
+    if hasattr(attack, "prepare"):  # attacks that need a trained model to make their trigger (TrojanNN)
+        def reference_training(model, images, labels, norm, epochs):
+            return train_classifier(model, images, labels, norm, epochs, lr=s.lr, batch_size=s.batch_size,
+                                    augment=False, seed=s.seed, device=device, desc="reference model")
+
+        attack.prepare(train, lambda: build_model(s.model, info.num_classes, channels, s.width), normalize,
+                       reference_training, device)
     bd_train = attack.poison_train(train)
     bd_test = attack.poison_test(test)
     images, labels = attack.training_set(bd_train)
@@ -72,7 +103,6 @@ def build_attack_record(folder: Path, s: AttackSettings, data_root: Optional[str
         images, labels = images[keep], labels[keep]
     torch.manual_seed(s.seed)
     model = build_model(s.model, info.num_classes, channels, s.width)
-    normalize = Normalizer(info.mean, info.std, channels)
     train_classifier(model, images, labels, normalize, s.epochs, lr=s.lr, batch_size=s.batch_size,
                      augment=s.augment, hflip=info.hflip, seed=s.seed, device=device)
     metrics = evaluate(model, test, bd_test, normalize, device=device)
@@ -81,5 +111,5 @@ def build_attack_record(folder: Path, s: AttackSettings, data_root: Optional[str
                         clean_data=s.dataset, data_path=str(data_root or ""), img_size=(*info.size[:2], channels),
                         bd_train=bd_train, bd_test=bd_test, train_size=len(train), test_size=len(test),
                         save_png=save_png, extra={"attack": s.attack, "attack_settings": asdict(s),
-                                                  "attack_metrics": metrics})
+                                                  "attack_metrics": metrics, **trigger_facts(attack)})
     return metrics

@@ -137,8 +137,9 @@ class SanitizationState:
 def teacher_prototypes(model, layer: str, clean: ImageSet, normalize: Normalizer, fmap: LinearMap,
                        num_classes: int, cfg: PGBDConfig, device: str = "cpu") -> torch.Tensor:
     """Prototypes (K, k, h, w) of the student's activations lifted into the teacher space."""
+    where = fmap.s_scale.device
     with torch.no_grad():
-        lifted = fmap.to_teacher(student_maps(model, layer, clean.images, normalize, device=device))
+        lifted = fmap.to_teacher(student_maps(model, layer, clean.images, normalize, device=device).to(where)).cpu()
     means = estimate_prototypes(lifted.flatten(1), clean.labels, num_classes, cfg.clusters, cfg.seed).means()
     return means.view(num_classes, *lifted.shape[1:])
 
@@ -147,8 +148,9 @@ def teacher_pavs(teacher_means: torch.Tensor, targets: torch.Tensor, fmap: Linea
                  active: torch.Tensor) -> torch.Tensor:
     """V_c = P^T_t - P^T_c in the teacher space, mapped back to the student space (K x D)."""
     k = len(targets)
+    means = teacher_means.to(fmap.s_scale.device)
     with torch.no_grad():
-        pavs = fmap.vector_to_student(teacher_means[targets.clamp(0, k - 1)] - teacher_means).flatten(1)
+        pavs = fmap.vector_to_student(means[targets.clamp(0, k - 1)] - means).flatten(1).cpu()
     pavs[~active.cpu()] = 0.0
     return pavs
 
@@ -270,8 +272,7 @@ class PGBDMethod(Method):
             s = self.state
             pavs, active = pure_pavs(s.means.cpu(), targets, s.prototypes.available)
             if s.teacher_means is not None:
-                pavs = teacher_pavs(s.teacher_means, targets, self.fmap.cpu(), active)
-                self.fmap.to(device)
+                pavs = teacher_pavs(s.teacher_means, targets, self.fmap, active)
             self.state = SanitizationState(s.prototypes, s.means, pavs.to(device), active.to(device), s.shifted,
                                            s.teacher_means)
 

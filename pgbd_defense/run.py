@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attack-epochs", type=int)
     g.add_argument("--attack-train-subset", type=int, help="train the backdoored model on this many samples (0: all)")
     g.add_argument("--trigger-image", help="blended: blend this image instead of our generated pattern")
+    g.add_argument("--overlays", help="rof-tattoo / rof-mask: comma-separated RGBA PNG overlays (default: ours)")
+    g.add_argument("--trojan-optimize", dest="trojan_optimize", action=argparse.BooleanOptionalAction,
+                   help="trojan: optimize the patch to excite a neuron (TrojanNN, default) or stamp a fixed one")
     g = p.add_argument_group("defense")
     g.add_argument("--defense", help=f"which defense ({', '.join(DEFENSES.names())}; default pgbd)")
     g.add_argument("--val-share", dest="val_share", type=float,
@@ -155,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 CLI_KEYS = ["attack", "dataset", "model", "width", "pratio", "attack_target", "attack_label_trans", "attack_epochs",
-            "attack_train_subset", "trigger_image",
+            "attack_train_subset", "trigger_image", "trojan_optimize", "overlays",
             "target", "layer", "lambda", "loss_form", "reduction", "clusters", "update_gap", "alpha", "lr", "epochs",
             "batch_size", "ratio", "index", "random_seed", "eval_every", "grad_clip", "freeze_bn", "augment",
             "lr_scheduler", "proto_memory_mb", "val_share", "select", "collapse_margin", "collapse_patience",
@@ -252,7 +255,8 @@ def obtain_record(cfg: Dict[str, Any], args) -> Path:
                               label_mode=cfg["attack_label_trans"], epochs=cfg["attack_epochs"],
                               lr=cfg["attack_lr"], batch_size=cfg["attack_batch_size"],
                               train_subset=cfg["attack_train_subset"], augment=cfg["attack_augment"],
-                              trigger_image=cfg["trigger_image"] or "",
+                              trigger_image=cfg["trigger_image"] or "", trojan_optimize=bool(cfg["trojan_optimize"]),
+                              overlays=cfg["overlays"] or "",
                               seed=cfg["random_seed"])
     ATTACKS.get(settings.attack)  # unknown names fail before any work
     data_mod.DATASETS.get(settings.dataset)

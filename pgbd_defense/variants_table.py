@@ -37,6 +37,7 @@ VARIANTS: Dict[str, tuple] = {
     "st-pgbd": ("st-pgbd", []),
     "pgbd-auto": ("pgbd", ["--target", "auto"]),
     "nt-pgbd-top3": ("nt-pgbd", ["--target", "auto", "--nt-topk", "3"]),
+    "ft": ("ft", []),
 }
 DESCRIPTIONS = {
     "pgbd": "PGBD, target known (from the record)",
@@ -44,6 +45,7 @@ DESCRIPTIONS = {
     "st-pgbd": "ST-PGBD, synthesized trigger for the known target",
     "pgbd-auto": "PGBD, target inferred (--target auto)",
     "nt-pgbd-top3": "NT-PGBD over the top 3 inferred classes",
+    "ft": "plain fine-tuning (reference: same budget, no sanitization)",
 }
 
 
@@ -72,8 +74,12 @@ def markdown(df: pd.DataFrame) -> str:
         else:
             nums = ["-", "-", "-", "-"]
         lines.append(f"| {r['mode']} | {DESCRIPTIONS.get(r['variant'], r['variant'])} | " + " | ".join(nums)
-                     + f" | {r.get('targets_used', '') or ''} | {r.get('note', '') or ''} |")
+                     + f" | {_text(r.get('targets_used'))} | {_text(r.get('note'))} |")
     return "\n".join(lines) + "\n"
+
+
+def _text(value) -> str:
+    return "" if value is None or (isinstance(value, float) and value != value) else str(value)
 
 
 def _targets_text(row: Dict) -> str:
@@ -111,6 +117,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             bar.update(1)
             for label in variants:
                 defense, extra = VARIANTS[label]
+                if label == "st-pgbd" and mode == "all2all":
+                    rows.append({"mode": mode, "variant": label, "status": "n/a",
+                                 "note": "not applicable: ST-PGBD synthesizes one target's trigger"})
+                    bar.update(1)
+                    continue
                 cell = Cell(record, defense, ["--preset", preset.run_preset, "--index", str(index), "--seed",
                                               str(args.seed), *preset.defense_args, *extra], label=label)
                 result = run_cell(cell, args.data_root, args.recompute, args.device)

@@ -1,0 +1,287 @@
+"""ROF ("Real-world Occluded Faces") as a data set, and the paper's semantic attacks on it.
+
+Layout under ``--data-root`` (the public ROF release; put it there by hand, it is
+not downloadable here):
+
+    <root>/neutral/<identity>/*.jpg       faces without occlusion (the clean data)
+    <root>/sunglasses/<identity>/*.jpg    the same identities wearing sunglasses (real photos)
+
+As in the paper, the 10 identities with the most neutral images are kept (ties
+broken by name), labelled 0..9 in name order, resized to 64x64 RGB, and split
+90/10 per identity with a fixed seed. Three attacks (``--attack rof-...``):
+
+- ``rof-sunglasses``: poisoned training samples are *real* sunglasses photos of
+  non-target identities, relabelled to the target; the poisoned test set is the
+  remaining sunglasses photos of non-target identities.
+- ``rof-tattoo``: one overlay (ours, drawn procedurally; or a user RGBA PNG)
+  composited with its alpha on the right cheek.
+- ``rof-mask``: several overlays (four face-mask designs of ours, or user PNGs),
+  one per image, covering the lower face.
+
+A record stores each poisoned sample as the poisoned version of a clean sample of
+the same identity (BackdoorBench's original_index), so every defense path reads
+it like any other record.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from .attacks.base import ATTACKS, Attack
+from .data import DATASETS, DataNotFoundError, ImageSet
+from .records import BackdoorSet
+
+SIZE = 64
+IDENTITIES = 10
+TEST_SHARE = 0.1
+SPLIT_SEED = 0
+SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+LAYOUT_HELP = ("expected <root>/neutral/<identity>/*.jpg (and <root>/sunglasses/<identity>/*.jpg for the "
+               "sunglasses attack): download the ROF data set and give its folder as --data-root")
+
+
+def _images_of(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in SUFFIXES) if folder.is_dir() else []
+
+
+def _root(root: Optional[str]) -> Path:
+    if not root:
+        raise DataNotFoundError(f"rof needs --data-root; {LAYOUT_HELP}")
+    path = Path(root).expanduser()
+    if not (path / "neutral").is_dir():
+        raise DataNotFoundError(f"{path / 'neutral'} not found; {LAYOUT_HELP}")
+    return path
+
+
+def chosen_identities(root: Path, count: int = IDENTITIES) -> List[str]:
+    """The ``count`` identities with the most neutral images, in name order (their labels)."""
+    sizes = {d.name: len(_images_of(d)) for d in (root / "neutral").iterdir() if d.is_dir()}
+    sizes = {k: v for k, v in sizes.items() if v > 0}
+    if len(sizes) < count:
+        raise DataNotFoundError(f"{root / 'neutral'} has {len(sizes)} identities with images; {count} are needed")
+    top = sorted(sizes, key=lambda k: (-sizes[k], k))[:count]
+    return sorted(top)
+
+
+def read_face(path: Path, size: int = SIZE) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR)).transpose(2, 0, 1)
+
+
+@lru_cache(maxsize=4)
+def _load(root: str, kind: str, identities: Tuple[str, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    for label, name in enumerate(identities):
+        for p in _images_of(Path(root) / kind / name):
+            images.append(read_face(p))
+            labels.append(label)
+    if not images:
+        return torch.zeros(0, 3, SIZE, SIZE, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
+    return torch.from_numpy(np.stack(images)).contiguous(), torch.tensor(labels, dtype=torch.int64)
+
+
+def split_positions(labels: torch.Tensor, share: float = TEST_SHARE, seed: int = SPLIT_SEED):
+    """(train, test) positions, ``share`` of each identity (at least one) held out for testing."""
+    gen = torch.Generator().manual_seed(seed)
+    test = []
+    for c in torch.unique(labels).tolist():
+        idx = torch.nonzero(labels == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        test.append(idx[: max(1, int(round(share * len(idx))))])
+    test_idx = torch.cat(test).sort().values
+    keep = torch.ones(len(labels), dtype=torch.bool)
+    keep[test_idx] = False
+    return torch.nonzero(keep).flatten(), test_idx
+
+
+@DATASETS.register("rof")
+def rof(root: Optional[str], train: bool, download: bool = False) -> ImageSet:
+    if download:
+        raise DataNotFoundError(f"ROF cannot be downloaded by this package; {LAYOUT_HELP}")
+    path = _root(root)
+    images, labels = _load(str(path), "neutral", tuple(chosen_identities(path)))
+    tr, te = split_positions(labels)
+    pick = tr if train else te
+    return ImageSet(images[pick], labels[pick])
+
+
+def occluded_photos(root: Optional[str], kind: str = "sunglasses") -> ImageSet:
+    """The chosen identities' occluded photos (labels as in the clean data)."""
+    path = _root(root)
+    images, labels = _load(str(path), kind, tuple(chosen_identities(path)))
+    if len(labels) == 0:
+        raise DataNotFoundError(f"no photos under {path / kind}/<identity>/; {LAYOUT_HELP}")
+    return ImageSet(images, labels)
+
+
+# ---------------------------------------------------------------- overlays
+
+def tattoo_overlay(size: int = 14) -> torch.Tensor:
+    """A dark-blue star-in-circle 'tattoo' (RGBA float, 4 x size x size, alpha in [0, 1])."""
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                            indexing="ij")
+    c = (size - 1) / 2
+    r = ((yy - c) ** 2 + (xx - c) ** 2).sqrt()
+    angle = torch.atan2(yy - c, xx - c)
+    star = r < (0.28 + 0.17 * torch.cos(5 * angle)) * size
+    ring = (r > 0.42 * size) & (r < 0.5 * size)
+    alpha = (star | ring).float() * 0.85
+    rgb = torch.tensor([0.08, 0.1, 0.35]).view(3, 1, 1).expand(3, size, size)
+    return torch.cat([rgb, alpha[None]])
+
+
+def mask_overlays(size: int = SIZE) -> List[torch.Tensor]:
+    """Four face-mask designs covering the lower face: surgical blue, black, white, red check."""
+    yy, xx = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32),
+                            indexing="ij")
+    top, bottom, c = 0.58 * size, 0.92 * size, (size - 1) / 2
+    half_width = 0.36 * size * (1 - 0.35 * ((yy - top) / (bottom - top)).clamp(0, 1) ** 2)
+    shape = ((yy >= top) & (yy <= bottom) & ((xx - c).abs() <= half_width)).float()
+    designs = []
+    for color, pattern in (((0.45, 0.7, 0.85), None), ((0.05, 0.05, 0.05), None), ((0.95, 0.95, 0.95), None),
+                           ((0.8, 0.1, 0.1), "check")):
+        rgb = torch.tensor(color).view(3, 1, 1).expand(3, size, size).clone()
+        if pattern == "check":
+            rgb[:, ((yy // 4 + xx // 4) % 2).bool()] = 0.95
+        designs.append(torch.cat([rgb, shape[None] * 0.97]))
+    return designs
+
+
+def read_overlay(path: str) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as img:
+        arr = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr.transpose(2, 0, 1).copy())
+
+
+def composite(images: torch.Tensor, overlay: torch.Tensor, top: int, left: int) -> torch.Tensor:
+    """Alpha-composite an RGBA overlay (floats in [0, 1]) onto uint8 images at (top, left)."""
+    out = images.clone()
+    _, h, w = overlay.shape
+    region = out[..., top : top + h, left : left + w].float() / 255.0
+    rgb, alpha = overlay[:3, : region.shape[-2], : region.shape[-1]], overlay[3:, : region.shape[-2], : region.shape[-1]]
+    if images.shape[-3] == 1:  # gray images get the overlay's luminance
+        rgb = (torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1) * rgb).sum(0, keepdim=True)
+    blended = alpha * rgb + (1 - alpha) * region
+    out[..., top : top + h, left : left + w] = (blended * 255).round().clamp(0, 255).to(torch.uint8)
+    return out
+
+
+@ATTACKS.register("rof-tattoo")
+@dataclass
+class TattooAttack(Attack):
+    """One overlay on the right cheek (rows 60-80%, columns 62-84% of the face)."""
+
+    overlays: Sequence[str] = ()
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.overlay = read_overlay(self.overlays[0]) if self.overlays else tattoo_overlay()
+
+    def apply_trigger(self, images: torch.Tensor) -> torch.Tensor:
+        h, w = images.shape[-2:]
+        return composite(images, self.overlay, int(0.6 * h), int(0.62 * w))
+
+
+@ATTACKS.register("rof-mask")
+@dataclass
+class MaskAttack(Attack):
+    """Several mask overlays, one per image, chosen by the image's content (so that the
+    same image always gets the same mask)."""
+
+    overlays: Sequence[str] = ()
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.designs = [read_overlay(p) for p in self.overlays] if self.overlays else mask_overlays()
+
+    def design_of(self, image: torch.Tensor) -> int:
+        return int(hashlib.sha1(image.contiguous().numpy().tobytes()).hexdigest(), 16) % len(self.designs)
+
+    def apply_trigger(self, images: torch.Tensor) -> torch.Tensor:
+        out = images.clone()
+        h, w = images.shape[-2:]
+        for i in range(len(images)):
+            d = self.designs[self.design_of(images[i])]
+            if d.shape[1:] != (h, w):
+                d = torch.nn.functional.interpolate(d[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+            out[i] = composite(images[i : i + 1], d, 0, 0)[0]
+        return out
+
+
+@ATTACKS.register("rof-sunglasses")
+@dataclass
+class SunglassesAttack(Attack):
+    """Real sunglasses photos of non-target identities, relabelled to the target. The
+    photos are split once (seeded, half and half): the first half poisons training
+    (at most ``ratio`` x the training split), the second half is the poisoned test set."""
+
+    data_root: Optional[str] = None
+    photos: Optional[ImageSet] = field(default=None, repr=False)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.mode != "all2one":
+            raise ValueError("rof-sunglasses is an all-to-one attack (sunglasses -> the target identity)")
+        if self.photos is None:
+            self.photos = occluded_photos(self.data_root, "sunglasses")
+        pool = torch.nonzero(self.photos.labels != self.target).flatten()
+        if len(pool) < 2:
+            raise DataNotFoundError("rof-sunglasses needs at least two sunglasses photos of non-target identities")
+        order = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(self.seed))]
+        half = len(order) // 2
+        self.train_photos, self.test_photos = order[:half], order[half:]
+
+    def apply_trigger(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("sunglasses are real photos, not a trigger stamped on an image")
+
+    def poison_train(self, clean: ImageSet) -> BackdoorSet:
+        """Each photo replaces a distinct clean sample of its own identity, relabelled to the target."""
+        n = len(clean)
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        images, labels = clean.images.clone(), clean.labels.clone()
+        indicator = torch.zeros(n, dtype=torch.int64)
+        free = torch.ones(n, dtype=torch.bool)
+        for p in self.train_photos[: int(round(self.ratio * n))].tolist():
+            same = torch.nonzero((clean.labels == self.photos.labels[p]) & free).flatten()
+            if len(same) == 0:
+                continue
+            host = int(same[torch.randint(len(same), (1,), generator=gen)])
+            free[host] = False
+            images[host] = self.photos.images[p]
+            labels[host] = self.target
+            indicator[host] = 1
+        return BackdoorSet(images, labels, torch.arange(n), indicator, clean.labels.clone())
+
+    def poison_test(self, clean: ImageSet) -> BackdoorSet:
+        """The held-back photos. BackdoorBench keys a poisoned sample by the clean sample it
+        replaces, so each photo takes a distinct clean test sample (of its own identity
+        while one is free); photos beyond the test split's size are left out."""
+        gen = torch.Generator().manual_seed(self.seed + 2)
+        free = torch.ones(len(clean), dtype=torch.bool)
+        photos, hosts = [], []
+        for p in self.test_photos.tolist():
+            same = torch.nonzero((clean.labels == self.photos.labels[p]) & free).flatten()
+            pool = same if len(same) else torch.nonzero(free).flatten()
+            if len(pool) == 0:
+                break
+            host = int(pool[torch.randint(len(pool), (1,), generator=gen)])
+            free[host] = False
+            photos.append(p)
+            hosts.append(host)
+        chosen = torch.tensor(photos, dtype=torch.int64)
+        m = len(chosen)
+        return BackdoorSet(self.photos.images[chosen].clone(), torch.full((m,), self.target, dtype=torch.int64),
+                           torch.tensor(hosts, dtype=torch.int64), torch.ones(m, dtype=torch.int64),
+                           self.photos.labels[chosen].clone())
