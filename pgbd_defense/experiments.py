@@ -43,6 +43,17 @@ class Cell:
         return Path(self.record) / "defense" / self.name
 
 
+def add_cell_arguments(parser, out_default: str) -> None:
+    """The options every cached-cell command shares (sweep, variants table)."""
+    parser.add_argument("--out", default=out_default)
+    parser.add_argument("--record-root", default="record", help="where attack records go (shared with table2)")
+    parser.add_argument("--data-root")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recompute", action="store_true", help="rerun finished cells")
+    parser.add_argument("-v", "--verbose", action="store_true")
+
+
 def ensure_record(settings: AttackSettings, record_root: Path, data_root: Optional[str] = None,
                   device: str = "cpu") -> Path:
     folder = Path(record_root) / record_name(settings)

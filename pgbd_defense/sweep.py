@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pandas as pd
 
 from .atomic import atomic_path
-from .experiments import Cell, ensure_record, run_cell, shared_index
+from .experiments import Cell, add_cell_arguments, ensure_record, run_cell, shared_index
 from .progress import progress, quiet
 from .table2 import PRESETS
 
@@ -117,13 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pgbd-grid", default="lr=0.003,0.01,0.03 lambda=1 loss_form=cos,relu_cos")
     p.add_argument("--ft-grid", default="lr=0.003,0.01,0.03")
     p.add_argument("--pgbd-defense", default="pgbd", help="pgbd or nt-pgbd")
-    p.add_argument("--out", default="out/sweep")
-    p.add_argument("--record-root", default="record", help="where attack records go (shared with table2)")
-    p.add_argument("--data-root")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--recompute", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
+    add_cell_arguments(p, "out/sweep")
     return p
 
 

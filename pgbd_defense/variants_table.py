@@ -24,7 +24,7 @@ from typing import Dict, List, Optional
 import pandas as pd
 
 from .atomic import atomic_path, atomic_write_text
-from .experiments import Cell, ensure_record, run_cell, shared_index
+from .experiments import Cell, add_cell_arguments, ensure_record, run_cell, shared_index
 from .progress import progress, quiet
 from .table2 import PRESETS as TABLE_PRESETS
 
@@ -56,13 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--modes", default="all2one,all2all", help="label modes of the attack")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {', '.join(VARIANTS)}")
-    p.add_argument("--out", default="out/variants")
-    p.add_argument("--record-root", default="record")
-    p.add_argument("--data-root")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--recompute", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
+    add_cell_arguments(p, "out/variants")
     return p
 
 

@@ -140,3 +140,41 @@ def test_rof_records_round_trip_and_are_defended(rof_root, tmp_path):
         assert len(rec.bd_test) > 0 and (rec.bd_test.labels == 0).all()
         summary = json.loads((folder / "defense" / "pgbd" / "summary.json").read_text())
         assert summary["dataset"] == "rof"
+
+
+def test_a_checkout_learns_rof_through_the_adapter(rof_root, tmp_path, tiny_data):
+    """The benchmark's data set functions (here the stand-in checkout's) serve rof after
+    install(), and any benchmark script run through the launcher sees them."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    from pgbd_defense.bench.checkout import bench_imports
+    from pgbd_defense.bench.rof_support import install
+
+    from .fake_bench import make_fake_checkout
+
+    root = make_fake_checkout(tmp_path / "bb", tiny_data)
+    with bench_imports(root):
+        assert install() and install()  # idempotent
+        from utils.aggregate_block import dataset_and_transform_generate as mod
+
+        assert mod.get_num_classes("rof") == 10 and mod.get_input_shape("rof") == (64, 64, 3)
+        assert mod.get_num_classes("mnist") == 10  # other names still go to the benchmark
+        train, train_t, _, test, test_t, _ = mod.dataset_and_transform_generate(
+            SimpleNamespace(dataset="rof", dataset_path=str(rof_root)))
+        img, label = train[0]
+        assert img.size == (64, 64) and img.mode == "RGB" and 0 <= label < 10
+        assert len(train) + len(test) == sum(sorted(COUNTS.values())[-10:])
+    script = root / "defense" / "count_rof.py"
+    script.write_text(
+        "import argparse\n"
+        "from utils.aggregate_block.dataset_and_transform_generate import dataset_and_transform_generate\n"
+        "p = argparse.ArgumentParser(); p.add_argument('--dataset'); p.add_argument('--dataset_path')\n"
+        "a = p.parse_args()\n"
+        "print('items', len(dataset_and_transform_generate(a)[0]))\n")
+    out = subprocess.run([sys.executable, "-m", "pgbd_defense.bench.rof_support", "./defense/count_rof.py",
+                          "--dataset", "rof", "--dataset_path", str(rof_root)], cwd=root, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    assert f"items {len(train)}" in out.stdout

@@ -128,6 +128,9 @@ def normalization_of(transform) -> Optional[Tuple[Tuple[float, ...], Tuple[float
 def defense_class():
     """The benchmark-facing class, subclassing the checkout's ``defense.base.defense``
     (imported now, from the checkout on sys.path)."""
+    from .rof_support import install as install_rof
+
+    install_rof()  # before the imports below bind the data set functions
     from defense.base import defense as BenchDefense
     from utils.aggregate_block.dataset_and_transform_generate import (dataset_and_transform_generate,
                                                                        get_input_shape, get_num_classes)
