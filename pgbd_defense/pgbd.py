@@ -222,7 +222,8 @@ class PGBDMethod(Method):
     def st_target(self) -> int:
         known = sorted({int(t) for t in self.targets.tolist() if t >= 0})
         if len(known) != 1:
-            raise ValueError(f"ST-PGBD synthesizes the trigger of one target class; the targets are {known or 'unknown'} "
+            raise ValueError("ST-PGBD synthesizes the trigger of one target class; the targets are "
+                             f"{known or 'unknown'} "
                              "(give --target N or --target auto; for all-to-all attacks use nt-pgbd)")
         return known[0]
 
@@ -344,7 +345,8 @@ class PGBDMethod(Method):
                                            "flip_rate": round(t.flip_rate, 4), "png": "synthesized_trigger.png"}
         if self.map_fit is not None:
             m = self.map_fit
-            info["mapping"] = {"steps": m.steps, "converged": m.converged, "loss_first": m.losses[0] if m.losses else None,
+            info["mapping"] = {"steps": m.steps, "converged": m.converged,
+                               "loss_first": m.losses[0] if m.losses else None,
                                "loss_last": m.losses[-1] if m.losses else None,
                                "student_round_trip_error": round(m.student_error, 4),
                                "teacher_fit_error": round(m.teacher_error, 4),

@@ -170,7 +170,8 @@ def composite(images: torch.Tensor, overlay: torch.Tensor, top: int, left: int) 
     out = images.clone()
     _, h, w = overlay.shape
     region = out[..., top : top + h, left : left + w].float() / 255.0
-    rgb, alpha = overlay[:3, : region.shape[-2], : region.shape[-1]], overlay[3:, : region.shape[-2], : region.shape[-1]]
+    fit = overlay[:, : region.shape[-2], : region.shape[-1]]  # the part inside the image
+    rgb, alpha = fit[:3], fit[3:]
     if images.shape[-3] == 1:  # gray images get the overlay's luminance
         rgb = (torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1) * rgb).sum(0, keepdim=True)
     blended = alpha * rgb + (1 - alpha) * region

@@ -163,7 +163,8 @@ CLI_KEYS = ["attack", "dataset", "model", "width", "pratio", "attack_target", "a
             "batch_size", "ratio", "index", "random_seed", "eval_every", "grad_clip", "freeze_bn", "augment",
             "lr_scheduler", "proto_memory_mb", "val_share", "select", "collapse_margin", "collapse_patience",
             "optimizer", "te_epochs", "rho", "warmup_epochs", "cycle", "nt_classes", "mapping", "mapping_components",
-            "mapping_steps", "inversion_steps", "inversion_batch_size", "inversion_classes", "inversion_scale", "nt_topk", "st_steps", "teacher_input_size"]
+            "mapping_steps", "inversion_steps", "inversion_batch_size", "inversion_classes", "inversion_scale",
+            "nt_topk", "st_steps", "teacher_input_size"]
 
 
 def draw_clean_subset(n_train: int, ratio: float, seed: int) -> List[int]:

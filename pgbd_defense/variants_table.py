@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def markdown(df: pd.DataFrame) -> str:
-    lines = ["| labels | variant | CA | ASR | DEM | seconds | targets used | note |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| labels | variant | CA | ASR | DEM | seconds | targets used | note |",
+             "|---|---|---|---|---|---|---|---|"]
     for _, r in df.iterrows():
         if r["status"] in ("ok", "cached"):
             nums = [f"{100 * r['ca']:.2f}", f"{100 * r['asr']:.2f}", f"{r['dem']:.3f}", f"{r['seconds']:.0f}"]
