@@ -3,6 +3,7 @@ rename it over the target (an atomic step on POSIX file systems)."""
 
 from __future__ import annotations
 
+import csv
 import os
 import tempfile
 from contextlib import contextmanager
@@ -36,3 +37,12 @@ def atomic_write_text(target, text: str) -> None:
 def atomic_torch_save(obj, target) -> None:
     with atomic_path(target) as tmp:
         torch.save(obj, tmp)
+
+
+def atomic_write_csv(target, rows) -> None:
+    """Rows (dicts with the same keys) as a CSV file with a header, written atomically."""
+    with atomic_path(target) as tmp:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)

@@ -13,7 +13,6 @@ Output goes to ``--out`` (default ``<record>/figures``). ``ablation`` and
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import sys
 from dataclasses import replace
@@ -22,9 +21,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .atomic import atomic_path
+from .atomic import atomic_path, atomic_write_csv
 from .batches import Normalizer
-from .data import ImageSet, dataset_info
+from .data import ImageSet
 from .records import AttackRecord, RecordError, load_attack_record, load_defense_result
 
 log = logging.getLogger("pgbd_defense.figures")
@@ -47,18 +46,8 @@ def _save(fig, path: Path) -> Path:
 
 
 def _write_csv(path: Path, rows: Sequence[Dict]) -> Path:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    atomic_write_csv(path, rows)
     return path
-
-
-def _normalizer(record: AttackRecord) -> Normalizer:
-    info = dataset_info(record.clean_data)
-    mean, std = record.normalization or (info.mean, info.std)
-    return Normalizer(mean, std, record.clean_test.images.shape[1])
 
 
 def _single_target(record: AttackRecord) -> int:
@@ -82,7 +71,7 @@ def alignment_figure(record: AttackRecord, out: Path, ratio: float = 0.05, seed:
     from .alignment import last_stage_convs, layer_alignment
 
     target = _single_target(record)
-    normalize = _normalizer(record)
+    normalize = record.normalizer()
     clean = _clean_subset(record, ratio, seed)
     layers = layers or last_stage_convs(record.model)
     results = layer_alignment(record.model, layers, clean, record.bd_test, record.clean_test, target,
@@ -151,7 +140,7 @@ def gradcam_figure(record: AttackRecord, defense_dir: Path, out: Path, count: in
     from .gradcam import grad_cam
     from .prototypes import last_conv_name
 
-    normalize = _normalizer(record)
+    normalize = record.normalizer()
     defended = copy.deepcopy(record.model)
     saved = load_defense_result(defense_dir)
     defended.load_state_dict(saved["model"])

@@ -31,7 +31,7 @@ from sklearn.decomposition import PCA
 
 from .atomic import atomic_torch_save
 from .batches import Normalizer
-from .prototypes import capture, estimate_prototypes
+from .prototypes import collect_activations
 
 log = logging.getLogger(__name__)
 
@@ -169,38 +169,14 @@ def train_map(student: torch.Tensor, teacher: torch.Tensor, cfg: MappingConfig =
     return fit
 
 
-@torch.no_grad()
 def student_maps(model: torch.nn.Module, layer: str, images: torch.Tensor, normalize: Normalizer,
-                 batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
+                 device: str = "cpu") -> torch.Tensor:
     """The layer's (N, C, h, w) activations, model in eval mode."""
-    was_training = model.training
-    model.eval()
-    out = []
-    with capture(model, layer) as store:
-        for start in range(0, len(images), batch_size):
-            model(normalize(images[start : start + batch_size].to(device)))
-            out.append(store["out"].cpu())
-    model.train(was_training)
-    maps = torch.cat(out)
+    maps = collect_activations(model, layer, images, normalize, device=device, flatten=False)
     if maps.dim() != 4:
         raise MappingError(f"layer {layer!r} gives {maps.dim()}-d outputs; the mapping needs a convolution's "
                            "C x H x W maps")
     return maps
-
-
-def mapped_pavs(lifted: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor, fmap: LinearMap,
-                clusters: int, seed: int, available: torch.Tensor) -> torch.Tensor:
-    """PAVs (K x D_s): prototypes of the lifted activations (N, k, h, w), V^T_c = P^T_t - P^T_c,
-    mapped back to the student space."""
-    k = len(targets)
-    protos = estimate_prototypes(lifted.flatten(1), labels, k, clusters, seed)
-    means = protos.means().view(k, *lifted.shape[1:])
-    safe_t = targets.clamp(0, k - 1)
-    with torch.no_grad():
-        back = fmap.vector_to_student(means[safe_t] - means)
-    pavs = back.flatten(1)
-    pavs[~available] = 0.0
-    return pavs
 
 
 # ---------------------------------------------------------------- teacher sources

@@ -60,8 +60,10 @@ def capture(model: torch.nn.Module, layer_name: str) -> Iterator[dict]:
 
 @torch.no_grad()
 def collect_activations(model: torch.nn.Module, layer_name: str, images: torch.Tensor,
-                        normalize: Normalizer, batch_size: int = 256, device: str = "cpu") -> torch.Tensor:
-    """Flattened activations (N x D) of ``layer_name`` for ``images``, model in eval mode."""
+                        normalize: Normalizer, batch_size: int = 256, device: str = "cpu",
+                        flatten: bool = True) -> torch.Tensor:
+    """Activations of ``layer_name`` for ``images`` (N x D, or the layer's own shape with
+    ``flatten=False``), model in eval mode."""
     was_training = model.training
     model.eval()
     out: List[torch.Tensor] = []
@@ -69,7 +71,7 @@ def collect_activations(model: torch.nn.Module, layer_name: str, images: torch.T
     with capture(model, layer_name) as store:
         for x, _, _ in iterate(images, dummy, batch_size, normalize, device=device):
             model(x)
-            out.append(store["out"].flatten(1).cpu())
+            out.append((store["out"].flatten(1) if flatten else store["out"]).cpu())
     model.train(was_training)
     return torch.cat(out)
 

@@ -155,6 +155,15 @@ class AttackRecord:
     def name(self) -> str:
         return self.folder.name
 
+    def normalizer(self):
+        """The normalization the record's model expects: the checkout's test transform inside
+        BackdoorBench, else the data set's (BackdoorBench's constants)."""
+        from .batches import Normalizer
+
+        info = data_mod.dataset_info(self.clean_data)
+        mean, std = self.normalization or (info.mean, info.std)
+        return Normalizer(mean, std, self.clean_test.images.shape[1])
+
     @property
     def model_name(self) -> str:
         return self.raw["model_name"]

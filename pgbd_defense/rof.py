@@ -213,11 +213,14 @@ class MaskAttack(Attack):
     def apply_trigger(self, images: torch.Tensor) -> torch.Tensor:
         out = images.clone()
         h, w = images.shape[-2:]
-        for i in range(len(images)):
-            d = self.designs[self.design_of(images[i])]
+        choice = torch.tensor([self.design_of(img) for img in images], dtype=torch.int64)
+        for k, d in enumerate(self.designs):
+            rows = choice == k
+            if not rows.any():
+                continue
             if d.shape[1:] != (h, w):
                 d = torch.nn.functional.interpolate(d[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-            out[i] = composite(images[i : i + 1], d, 0, 0)[0]
+            out[rows] = composite(images[rows], d, 0, 0)
         return out
 
 

@@ -359,8 +359,7 @@ def defend_record(args, cfg: Dict[str, Any], record: AttackRecord, record_dir: P
 def _defend(args, cfg, record: AttackRecord, record_dir: Path, out: Path) -> int:
     started = time.time()  # the defense's own time; building the attack record is not counted
     info = data_mod.dataset_info(record.clean_data)
-    mean, std = record.normalization or (info.mean, info.std)
-    normalize = Normalizer(mean, std, record.clean_test.images.shape[1])
+    normalize = record.normalizer()
     layer = cfg["layer"] or last_conv_name(record.model)
     find_layer(record.model, layer)
     n_train = len(record.clean_train)

@@ -6,7 +6,6 @@ Cleanse-style inference on the defender's clean data, ``inversion.py``)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .atomic import atomic_path, atomic_write_text
+from .atomic import atomic_write_csv, atomic_write_text
 from .attacks.base import label_mapping
 from .batches import Normalizer
 from .config import ConfigError
@@ -48,12 +47,7 @@ def resolve_targets(spec: Any, record: AttackRecord) -> torch.Tensor:
 
 def write_inference(inference: Inference, out: Path) -> None:
     """``target_inference.csv`` (one row per class) and ``target_inference.json`` in ``out``."""
-    rows = inference.rows()
-    with atomic_path(Path(out) / "target_inference.csv") as tmp:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    atomic_write_csv(Path(out) / "target_inference.csv", inference.rows())
     atomic_write_text(Path(out) / "target_inference.json", json.dumps(inference.to_dict(), indent=2))
 
 
