@@ -46,3 +46,26 @@ def needs_fashion_mnist():
 def needs_fixture():
     return pytest.mark.skipif(not (FIXTURE_RECORD / "attack_result.pt").is_file(),
                               reason="../shared/fixtures/backdoorbench is not present")
+
+
+# One real BadNets record for every test that needs a trained backdoor on Fashion-MNIST (the
+# attack's ASR test, the end-to-end CLI run, the trigger-inversion test): training it is the
+# expensive part, so it is made once per session, as the CLI makes it (same settings, same
+# folder name, PNG folders on disk), and tests only read it or add defense folders.
+REAL_BADNET_ARGS = ["--attack", "badnet", "--dataset", "fashion-mnist", "--attack-train-subset", "15000",
+                    "--attack-epochs", "2"]
+
+
+@pytest.fixture(scope="session")
+def real_badnet(tmp_path_factory):
+    """(record root, record folder, the attack's test metrics) of the shared BadNets record."""
+    from pgbd_defense.make_record import AttackSettings, build_attack_record, record_name
+
+    if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"Fashion-MNIST not installed at {FASHION_MNIST}")
+    root = tmp_path_factory.mktemp("real_badnet")
+    # the cpu preset's attack recipe (width 0.125, lr 0.02, no augmentation) on 15,000 images, 2 epochs
+    settings = AttackSettings(attack="badnet", width=0.125, epochs=2, lr=0.02, augment=False, train_subset=15000)
+    folder = root / record_name(settings)
+    metrics = build_attack_record(folder, settings)
+    return root, folder, metrics

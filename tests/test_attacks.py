@@ -137,14 +137,20 @@ from .conftest import needs_fashion_mnist  # noqa: E402
 @pytest.mark.slow
 # WaNet's warp is subtle: it needs more of the data than the patch attacks to be learnt.
 @pytest.mark.parametrize("name, min_asr, subset, epochs", [
-    ("badnet", 0.9, 15000, 2), ("blended", 0.9, 15000, 2), ("sig", 0.8, 15000, 2), ("wanet", 0.8, 30000, 3),
-    ("trojan", 0.9, 15000, 2)])
+    ("blended", 0.9, 15000, 2), ("sig", 0.8, 15000, 2), ("wanet", 0.8, 30000, 3), ("trojan", 0.9, 15000, 2)])
 def test_attack_reaches_high_asr_on_a_fashion_mnist_subset(tmp_path, name, min_asr, subset, epochs):
     from pgbd_defense.make_record import AttackSettings, build_attack_record
 
     settings = AttackSettings(attack=name, width=0.125, epochs=epochs, lr=0.02, augment=False, train_subset=subset)
     metrics = build_attack_record(tmp_path / "record" / name, settings, save_png=False)
     assert metrics["test_asr"] >= min_asr, metrics
+    assert metrics["test_acc"] >= 0.75, metrics
+
+
+@pytest.mark.slow
+def test_badnet_reaches_high_asr_on_a_fashion_mnist_subset(real_badnet):
+    _, _, metrics = real_badnet  # the session's shared record: BadNets, 15,000 images, 2 epochs
+    assert metrics["test_asr"] >= 0.9, metrics
     assert metrics["test_acc"] >= 0.75, metrics
 
 

@@ -8,7 +8,7 @@ import pytest
 import pgbd_defense.run as run_module
 from pgbd_defense.experiments import Cell, run_cell, shared_index
 from pgbd_defense.sweep import GridError, parse_grid, pareto_front
-from pgbd_defense.table2 import gate
+from pgbd_defense.table2 import gate, seeds_table
 from pgbd_defense.tables import MEAN, dem_bar_chart, ranks, to_latex, to_markdown, wide_table, write_table
 
 from .test_records import _write
@@ -82,6 +82,26 @@ def test_gate_names_each_failure():
     assert "pgbd mean DEM 0.9050 < 0.90" not in text  # 0.905 passes
     assert "wanet/d1 failed: boom (log x.log)" in text
     assert gate(wide_table(rows[:1], ["pgbd"]), cells.iloc[:1]) == []
+
+
+def test_gate_takes_the_median_over_seeds_and_lists_them():
+    rows = [_row("blended", "d1", "pgbd", 0.84, 0.119, 0.917), _row("sig", "d1", "pgbd", 0.85, 0.02, 0.99)]
+    df = wide_table(rows, ["pgbd"])
+    cells = pd.DataFrame([{**r, "status": "ok"} for r in rows])
+    assert "blended/d1: pgbd ASR 0.1190 > 0.10" in gate(df, cells)
+    repeats = pd.DataFrame([
+        {"attack": "blended", "dataset": "d1", "seed": 1, "asr": 0.0002, "dem": 0.99},
+        {"attack": "blended", "dataset": "d1", "seed": 2, "asr": 0.0, "dem": 0.995},
+        {"attack": "sig", "dataset": "d1", "seed": 1, "asr": 0.30, "dem": 0.80},
+        {"attack": "sig", "dataset": "d1", "seed": 2, "asr": 0.25, "dem": 0.82}])
+    failures = gate(df, cells, repeats=repeats)
+    # blended: median of (0.119, 0.0002, 0) passes; sig: median of (0.02, 0.30, 0.25) = 0.25 fails
+    assert failures[0] == "sig/d1: pgbd median ASR over 3 seeds (0.0200, 0.3000, 0.2500) 0.2500 > 0.10"
+    # mean over attacks of the per-attack median DEM: (0.99 + 0.82) / 2 = 0.905 passes
+    assert len(failures) == 1
+    md = seeds_table(df, repeats)
+    assert "| blended | d1 | 11.90 | 0.02 | 0.00 | 0.02 | 0.990 |" in md
+    assert "| sig | d1 | 2.00 | 30.00 | 25.00 | 25.00 | 0.820 |" in md
 
 
 def test_finished_cells_are_read_not_rerun(tmp_path, tiny_data, monkeypatch):

@@ -242,14 +242,10 @@ def test_st_pgbd_refuses_all_to_all_targets(tiny_data, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def badnets_record(tmp_path_factory):
-    from pgbd_defense.make_record import AttackSettings, build_attack_record
+def badnets_record(real_badnet):
     from pgbd_defense.records import load_attack_record
 
-    folder = tmp_path_factory.mktemp("variants") / "badnet"
-    settings = AttackSettings(attack="badnet", width=0.125, epochs=2, lr=0.02, augment=False, train_subset=15000)
-    build_attack_record(folder, settings, save_png=False)
-    return load_attack_record(folder)
+    return load_attack_record(real_badnet[1])
 
 
 @needs_fashion_mnist()
