@@ -143,11 +143,11 @@ def gate(df: pd.DataFrame, cells: pd.DataFrame, defense: str = GATED,
     return failures
 
 
-def seeds_table(df: pd.DataFrame, repeats: pd.DataFrame, defense: str = GATED) -> str:
+def seeds_table(df: pd.DataFrame, repeats: pd.DataFrame, defense: str = GATED, table_seed: int = 0) -> str:
     """Markdown: the gated defense's ASR/DEM per seed and their medians, per attack."""
     rows = df[df.index.get_level_values("dataset") != MEAN]
     seeds = sorted(repeats["seed"].unique())
-    head = ["attack", "dataset", "seed 0 (table) ASR", *[f"seed {s} ASR" for s in seeds], "median ASR",
+    head = ["attack", "dataset", f"seed {table_seed} (table) ASR", *[f"seed {s} ASR" for s in seeds], "median ASR",
             "median DEM"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (attack, dataset), row in rows.iterrows():
@@ -234,7 +234,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if len(seeds_df) and column not in seeds_df:
             seeds_df[column] = float("nan")
     if len(seeds_df):
-        atomic_write_text(paths["md"], paths["md"].read_text() + seeds_table(df, seeds_df))
+        atomic_write_text(paths["md"], paths["md"].read_text() + seeds_table(df, seeds_df, table_seed=args.seed))
     dem_bar_chart(df, defenses, out / "dem.png", title=f"Table 2 ({args.preset} preset): DEM per attack")
     (out / "run.json").write_text(json.dumps({"preset": args.preset, "datasets": datasets, "attacks": attacks,
                                               "defenses": defenses, "note": preset.note,
