@@ -103,6 +103,15 @@ def _split(value: Optional[str], default: Sequence[str]) -> List[str]:
 GATED = "pgbd"
 
 
+def _repeats_of(repeats: pd.DataFrame, attack: str, dataset: str) -> pd.DataFrame:
+    return repeats[(repeats["attack"] == attack) & (repeats["dataset"] == dataset)]
+
+
+def _median(values) -> float:
+    """NaN when any value is missing: a failed seed must not vanish from the statistic."""
+    return pd.Series(values, dtype=float).median(skipna=False)
+
+
 def gate(df: pd.DataFrame, cells: pd.DataFrame, defense: str = GATED,
          repeats: Optional[pd.DataFrame] = None) -> List[str]:
     """The CI gate of the Table 2 issue; returns what fails (empty: pass).
@@ -124,11 +133,11 @@ def gate(df: pd.DataFrame, cells: pd.DataFrame, defense: str = GATED,
             continue
         asrs, dem_values = [row[(defense, "asr")]], [row[(defense, "dem")]]
         if repeats is not None and len(repeats):
-            more = repeats[(repeats["attack"] == attack) & (repeats["dataset"] == dataset)]
+            more = _repeats_of(repeats, attack, dataset)
             asrs += list(more["asr"])
             dem_values += list(more["dem"])
-        asr = pd.Series(asrs, dtype=float).median(skipna=False)
-        dems.append(pd.Series(dem_values, dtype=float).median(skipna=False))
+        asr = _median(asrs)
+        dems.append(_median(dem_values))
         if pd.isna(asr) or asr > 0.10:
             if len(asrs) == 1:
                 failures.append(f"{attack}/{dataset}: {defense} ASR {asr:.4f} > 0.10")
@@ -151,14 +160,12 @@ def seeds_table(df: pd.DataFrame, repeats: pd.DataFrame, defense: str = GATED, t
             "median DEM"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (attack, dataset), row in rows.iterrows():
-        more = repeats[(repeats["attack"] == attack) & (repeats["dataset"] == dataset)].set_index("seed")
+        more = _repeats_of(repeats, attack, dataset).set_index("seed")
         asrs = [row[(defense, "asr")], *[more["asr"].get(s, float("nan")) for s in seeds]]
         dems = [row[(defense, "dem")], *[more["dem"].get(s, float("nan")) for s in seeds]]
         cells = [f"{100 * a:.2f}" for a in asrs]
-        median_asr = pd.Series(asrs, dtype=float).median(skipna=False)
-        median_dem = pd.Series(dems, dtype=float).median(skipna=False)
-        lines.append("| " + " | ".join([attack, dataset, *cells, f"{100 * median_asr:.2f}", f"{median_dem:.3f}"])
-                     + " |")
+        lines.append("| " + " | ".join([attack, dataset, *cells, f"{100 * _median(asrs):.2f}",
+                                        f"{_median(dems):.3f}"]) + " |")
     return (f"\n\n{defense} on further clean subsets (the CI gate's statistic: the median per attack; "
             "ASR in %)\n\n" + "\n".join(lines) + "\n")
 
