@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bench-root", help="a BackdoorBench checkout to run in (default: the working directory if it "
                    "is one)")
     g.add_argument("--attack-args", default="", help="extra flags for the benchmark's attack script (one string)")
+    g.add_argument("--bench-args", default="",
+                   help="extra flags for each of the benchmark's defense scripts run by --compare (one string, e.g. "
+                        "\"--te_epochs 1 --n_rounds 1\"); --epochs and --batch-size are passed to them already")
     g = p.add_argument_group("run")
     g.add_argument("--device", default="cpu")
     g.add_argument("--defense-name", help="folder name under <record>/defense/ (default: the defense's name)")

@@ -106,10 +106,13 @@ import argparse, os, sys
 p = argparse.ArgumentParser()
 for a in ("--result_file", "--yaml_path", "--dataset", "--index", "--device"):
     p.add_argument(a)
-args = p.parse_args()
+args, rest = p.parse_known_args()
 assert os.path.isfile(args.index), args.index
+assert os.path.isfile(args.yaml_path), args.yaml_path
 out = os.path.join("record", args.result_file, "defense", "ft")
 os.makedirs(out, exist_ok=True)
+with open(os.path.join(out, "argv.txt"), "w") as f:
+    f.write(args.yaml_path + "\\n" + " ".join(rest))
 with open(os.path.join(out, "ft_df_summary.csv"), "w") as f:
     f.write(",test_acc,test_asr,test_ra\\nlast,0.5,0.25,0.6\\nvalid_max,0.5,0.25,0.6\\nexist_nan_value,False,False,False\\n")
 print("fake ft done")
@@ -124,16 +127,22 @@ def test_compare_inside_a_checkout_runs_the_benchmark_scripts_and_tabulates(benc
     install(bench)
     shutil.copytree(bench / "record" / "tiny", bench / "record" / "badnet_0_1")
     (bench / "defense" / "ft.py").write_text(FAKE_FT)
+    (bench / "config" / "defense" / "ft" / "config.yaml").write_text("epochs: 100\n")  # no mnist.yaml: the fallback
     (bench / "defense" / "nad.py").write_text("import sys\nprint('boom')\nsys.exit(1)\n")
     cwd = os.getcwd()
     os.environ["PGBD_NO_PROGRESS"] = "1"
     try:
         os.chdir(bench)
         code = run_main(["--attack", "badnet", "--dataset", "mnist", "--compare", "ft,nad", "--epochs", "1",
-                         "--batch-size", "16", "--ratio", "0.5", "--preset", "cpu"])
+                         "--batch-size", "16", "--ratio", "0.5", "--preset", "cpu",
+                         "--bench-args", "--lr 0.5 --epochs 2"])
     finally:
         os.chdir(cwd)
     assert code == 0
+    yaml_path, flags = (bench / "record" / "badnet_0_1" / "defense" / "ft" / "argv.txt").read_text().splitlines()
+    assert yaml_path == "./config/defense/ft/config.yaml"
+    # our budget first, then --bench-args verbatim (argparse keeps the last --epochs: 2)
+    assert flags == "--epochs 1 --batch_size 16 --lr 0.5 --epochs 2"
     table = (bench / "record" / "badnet_0_1" / "defense" / "comparison.csv").read_text().splitlines()
     assert table[0].startswith("defense,ca,asr,ra,dem,seconds,status,log")
     rows = {line.split(",")[0]: line for line in table[1:]}

@@ -64,6 +64,17 @@ def read_bench_summary(folder: Path) -> Optional[Dict[str, float]]:
     return None
 
 
+def defense_config(root: Path, name: str, dataset: str) -> str:
+    """The benchmark's YAML for a defense on a data set; its generic ``config.yaml`` when the
+    checkout has none for this data set (the benchmark ships none for mnist, say)."""
+    specific = f"./config/defense/{name}/{dataset}.yaml"
+    if (root / specific).is_file():
+        return specific
+    log.warning("%s has no %s: using ./config/defense/%s/config.yaml with --dataset %s", root, specific[2:], name,
+                dataset)
+    return f"./config/defense/{name}/config.yaml"
+
+
 def run_bench_defense(root: Path, defense: str, result_file: str, dataset: str, index_file: Path,
                       poisoned: Dict[str, float], device: str = "cpu", extra: Sequence[str] = (),
                       python: str = sys.executable) -> Dict:
@@ -73,7 +84,7 @@ def run_bench_defense(root: Path, defense: str, result_file: str, dataset: str, 
     folder.mkdir(parents=True, exist_ok=True)
     log_path = folder / "pgbd_defense_compare.log"
     cmd = [python, f"./defense/{name}.py", "--result_file", result_file, "--yaml_path",
-           f"./config/defense/{name}/{dataset}.yaml", "--dataset", dataset, "--index", str(Path(index_file).resolve()),
+           defense_config(root, name, dataset), "--dataset", dataset, "--index", str(Path(index_file).resolve()),
            "--device", device, *extra]
     started = time.time()
     log.info("running the benchmark's %s: %s", defense, " ".join(cmd))

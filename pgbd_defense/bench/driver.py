@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -33,6 +34,17 @@ def _config_for(root: Path, dataset: str) -> str:
     return f"./config/defense/pgbd/{dataset}.yaml" if specific.is_file() else "./config/defense/pgbd/config.yaml"
 
 
+def bench_flags(args) -> List[str]:
+    """Flags for the benchmark's defense scripts: the budget given on our command line (as the
+    standalone comparison passes it to our own baselines), then ``--bench-args`` verbatim, so
+    those win where both name a flag."""
+    flags: List[str] = []
+    for key, flag in (("epochs", "--epochs"), ("batch_size", "--batch_size")):
+        if getattr(args, key, None) is not None:
+            flags += [flag, str(getattr(args, key))]
+    return flags + shlex.split(getattr(args, "bench_args", None) or "")
+
+
 def run_in_checkout(args, cfg: Dict[str, Any], root: Path) -> int:
     if not (root / "defense" / "pgbd.py").is_file():
         raise BenchRunError(f"{root} does not know PGBD yet: run python -m pgbd_defense.install --bench-root {root}")
@@ -54,7 +66,8 @@ def run_in_checkout(args, cfg: Dict[str, Any], root: Path) -> int:
     cmd += ["--trust_record"] if args.trust_record else []
     started = time.time()
     log.info("running PGBD in the checkout: %s", " ".join(cmd))
-    code = subprocess.run(cmd, cwd=root).returncode
+    env = {**os.environ, "PGBD_NO_PROGRESS": "1"} if args.no_progress else None
+    code = subprocess.run(cmd, cwd=root, env=env).returncode
     if code != 0:
         return code
     out = record / "defense" / variant
@@ -67,7 +80,8 @@ def run_in_checkout(args, cfg: Dict[str, Any], root: Path) -> int:
             log.warning("%s has no BackdoorBench script here; skipped (the benchmark's: %s)", d,
                         ", ".join(BENCH_DEFENSES))
             continue
-        rows.append(run_bench_defense(root, d, name, dataset, out / "index.txt", poisoned, args.device))
+        rows.append(run_bench_defense(root, d, name, dataset, out / "index.txt", poisoned, args.device,
+                                      bench_flags(args)))
     if args.compare:
         paths = write_comparison(rows, record / "defense")
         print(comparison_markdown(comparison_frame(rows)))
