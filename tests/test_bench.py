@@ -160,6 +160,22 @@ def test_running_in_a_checkout_that_lacks_the_plugin_says_how_to_install(bench, 
     assert "python -m pgbd_defense.install --bench-root" in caplog.text
 
 
+def test_each_checkout_is_imported_from_itself(tmp_path, tiny_data):
+    """Two checkouts in one process: the second's ``utils`` must not be the first's."""
+    import sys
+
+    from pgbd_defense.bench.checkout import bench_imports
+
+    roots = [make_fake_checkout(tmp_path / name, tiny_data) for name in ("a", "b")]
+    for root in roots:
+        with bench_imports(root):
+            from utils.aggregate_block import dataset_and_transform_generate as mod
+
+            assert Path(mod.__file__).resolve().is_relative_to(root.resolve())
+        assert "utils" not in sys.modules and "utils.aggregate_block" not in sys.modules
+        assert str(root.resolve()) not in sys.path
+
+
 def test_compare_standalone_uses_the_same_clean_subset(tmp_path, tiny_data):
     from pgbd_defense.run import main as run_main
 

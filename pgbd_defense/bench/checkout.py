@@ -45,12 +45,21 @@ def find_checkout(start: Optional[Path] = None) -> Optional[Path]:
     return None
 
 
+def _from_checkout(module, root: str) -> bool:
+    """Whether a module (or a namespace package, which has no file) lives under ``root``."""
+    places = [getattr(module, "__file__", None) or "", *list(getattr(module, "__path__", None) or [])]
+    return any(str(p).startswith(root + os.sep) for p in places)
+
+
 @contextlib.contextmanager
 def bench_imports(root: Path) -> Iterator[None]:
     """Make ``import utils...``/``defense...`` resolve to the checkout's modules, as its
-    scripts expect (they run from the checkout root)."""
+    scripts expect (they run from the checkout root). On the way out the checkout's modules
+    imported here are forgotten too: its generic names (``utils``, ``models``) would
+    otherwise answer a later import meant for another checkout, or for another package."""
     root = str(Path(root).resolve())
     added = root not in sys.path
+    before = set(sys.modules)
     if added:
         sys.path.insert(0, root)
     try:
@@ -58,3 +67,6 @@ def bench_imports(root: Path) -> Iterator[None]:
     finally:
         if added and root in sys.path:
             sys.path.remove(root)
+        for name in [n for n in sys.modules if n not in before]:
+            if _from_checkout(sys.modules[name], root):
+                del sys.modules[name]
