@@ -38,12 +38,15 @@ def _sha(text: str) -> str:
 
 
 def _config_text(name: str) -> str:
-    """Our bench_configs YAML, from the source tree or the installed package data."""
-    repo = Path(__file__).resolve().parents[1] / "bench_configs" / "defense" / "pgbd" / name
-    if not repo.is_file():
-        raise InstallError(f"{repo} not found: install pgbd-defense from its source tree "
-                           "(pip install -e .), which carries bench_configs/")
-    return repo.read_text()
+    """Our bench_configs YAML: from the source tree (editable install), else from where a
+    regular install puts it (setup.cfg's data_files, under the environment's prefix)."""
+    rel = Path("bench_configs") / "defense" / "pgbd" / name
+    places = [Path(__file__).resolve().parents[1] / rel, Path(sys.prefix) / "share" / "pgbd-defense" / rel]
+    for place in places:
+        if place.is_file():
+            return place.read_text()
+    raise InstallError(f"{name} not found in {' or '.join(str(p.parent) for p in places)}: reinstall pgbd-defense "
+                       "(pip install .) or install it from its source tree (pip install -e .)")
 
 
 def planned_files() -> Dict[str, str]:

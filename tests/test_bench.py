@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pgbd_defense.bench.plugin import config_names
 from pgbd_defense.install import MANIFEST, check, install, main as install_main, planned_files, uninstall
 
 from .fake_bench import make_fake_checkout
@@ -65,6 +66,23 @@ def test_install_never_overwrites_a_foreign_file(bench, capsys):
     assert "not from pgbd-defense" in capsys.readouterr().err
     assert (bench / "defense" / "pgbd.py").read_text() == "# someone else's defense\n"
     assert not (bench / "config" / "defense" / "pgbd").exists()
+
+
+def test_configs_come_from_a_regular_install_too(tmp_path, monkeypatch):
+    """Without the source tree beside the package, the YAMLs are read where setup.cfg's
+    data_files put them (<prefix>/share/pgbd-defense/bench_configs/...)."""
+    import pgbd_defense.install as inst
+
+    shared = tmp_path / "share" / "pgbd-defense" / "bench_configs" / "defense" / "pgbd"
+    shared.mkdir(parents=True)
+    for name in config_names():
+        (shared / name).write_text(f"# installed copy of {name}\n")
+    monkeypatch.setattr(inst, "__file__", str(tmp_path / "site-packages" / "pgbd_defense" / "install.py"))
+    monkeypatch.setattr(inst.sys, "prefix", str(tmp_path))
+    assert inst.planned_files()["config/defense/pgbd/gtsrb.yaml"] == "# installed copy of gtsrb.yaml\n"
+    (shared / "tiny.yaml").unlink()
+    with pytest.raises(inst.InstallError, match="tiny.yaml not found"):
+        inst.planned_files()
 
 
 def test_not_a_checkout_is_named(tmp_path, capsys):
