@@ -10,11 +10,6 @@ from tqdm.auto import tqdm
 _enabled = os.environ.get("PGBD_NO_PROGRESS", "") not in ("1", "true", "yes")
 
 
-def set_enabled(flag: bool) -> None:
-    global _enabled
-    _enabled = flag
-
-
 def progress(iterable, total=None, desc=None, leave=True):
     return tqdm(iterable, total=total, desc=desc, leave=leave, disable=not _enabled or desc is None,
                 dynamic_ncols=True)

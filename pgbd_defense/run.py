@@ -11,6 +11,7 @@ BackdoorBench-style.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -277,16 +278,17 @@ def obtain_record(cfg: Dict[str, Any], args) -> Path:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    if args.no_progress:
-        from .progress import set_enabled
-        set_enabled(False)
-    try:
-        return _run(args)
-    except USER_ERRORS as e:
-        log.error("%s", e)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    from .progress import quiet
+
+    # quiet() restores the bars afterwards: a later call in the same process keeps its own choice.
+    with quiet() if args.no_progress else contextlib.nullcontext():
+        try:
+            return _run(args)
+        except USER_ERRORS as e:
+            log.error("%s", e)
+            return 2
+        except KeyboardInterrupt:
+            return 130
 
 
 def _run(args) -> int:

@@ -136,3 +136,14 @@ def test_poisoned_model_is_evaluated_once_per_record(record, monkeypatch):
     monkeypatch.setattr(run_module, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert _run(record, "--defense-name", "second", "--eval-every", "100", "--select", "last") == 0
     assert len(calls) == 1  # the defended model only; the poisoned numbers came from the cache
+
+
+def test_no_progress_lasts_for_its_own_call_only(tmp_path, monkeypatch):
+    """--no-progress silences one run; a later call in the same process has its bars back."""
+    from pgbd_defense import progress
+
+    monkeypatch.setattr(progress, "_enabled", True)  # the tests' conftest turns bars off
+    seen = []
+    monkeypatch.setattr("pgbd_defense.run._run", lambda args: seen.append(progress._enabled) or 0)
+    assert main(["--record", str(tmp_path / "nothing"), "--no-progress"]) == 0
+    assert seen == [False] and progress._enabled
