@@ -233,6 +233,11 @@ class Inference:
         d["target"] = self.target
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Inference":
+        """The inverse of :meth:`to_dict` (the triggers themselves are not kept)."""
+        return cls(**{k: v for k, v in d.items() if k not in ("target", "triggers")})
+
     def rows(self) -> List[dict]:
         rank = {c: i + 1 for i, c in enumerate(self.ranking)}
         return [{"class": c, "mask_l1": n, "flip_rate": f, "anomaly_index": a, "rank": rank[c],

@@ -6,10 +6,12 @@ Cleanse-style inference on the defender's clean data, ``inversion.py``)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -51,9 +53,29 @@ def write_inference(inference: Inference, out: Path) -> None:
     atomic_write_text(Path(out) / "target_inference.json", json.dumps(inference.to_dict(), indent=2))
 
 
+def _raw_bytes(tensor: torch.Tensor) -> bytes:
+    # through uint8, as NumPy has no bfloat16
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def inference_key(model: torch.nn.Module, train: ImageSet, normalize: Normalizer, inv: InversionConfig,
+                  classes: Optional[Sequence[int]], scale: str, device: str) -> str:
+    """A digest of everything a target inference depends on: the search is minutes of work
+    per class, and a record is often defended several times (variants, tables, figures)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(_raw_bytes(tensor))
+    for tensor in (train.images, train.labels, normalize.mean, normalize.std):
+        h.update(_raw_bytes(tensor))
+    h.update(json.dumps([asdict(inv), list(classes or []), scale, str(device)]).encode())
+    return h.hexdigest()[:16]
+
+
 def defended_targets(cfg: Dict[str, Any], record: AttackRecord, train: ImageSet, normalize: Normalizer,
                      out: Path, device: str = "cpu") -> Tuple[torch.Tensor, Optional[Inference]]:
-    """The targets the defense uses and, for ``auto``, the inference behind them (written to ``out``).
+    """The targets the defense uses and, for ``auto``, the inference behind them (written to ``out``,
+    and cached in ``out``'s parent under a digest of its inputs, see :func:`inference_key`).
 
     With ``auto``, NT-PGBD's classes become the top ``nt_topk`` of the ranking when
     ``nt_topk`` > 0 (``cfg`` is updated in place)."""
@@ -61,8 +83,16 @@ def defended_targets(cfg: Dict[str, Any], record: AttackRecord, train: ImageSet,
         return resolve_targets(cfg["target"], record), None
     inv = InversionConfig(steps=int(cfg["inversion_steps"]), batch_size=int(cfg["inversion_batch_size"]),
                           seed=int(cfg["random_seed"]))
-    inference = infer_target(record.model, train, record.num_classes, normalize, inv,
-                             classes=cfg["inversion_classes"] or None, scale=cfg["inversion_scale"], device=device)
+    classes, scale = cfg["inversion_classes"] or None, cfg["inversion_scale"]
+    key = inference_key(record.model, train, normalize, inv, classes, scale, device)
+    cache = Path(out).parent / f".target_inference_{key}.json"  # beside the record's defense folders
+    if cache.is_file():
+        inference = Inference.from_dict(json.loads(cache.read_text()))
+        log.info("target inference: reusing %s (same model, clean data and search settings)", cache)
+    else:
+        inference = infer_target(record.model, train, record.num_classes, normalize, inv, classes=classes,
+                                 scale=scale, device=device)
+        atomic_write_text(cache, json.dumps(inference.to_dict(), indent=2))
     write_inference(inference, out)
     log.info("target inference: ranking %s, anomaly indices %s; %s", inference.ranking,
              [round(a, 2) for a in inference.anomaly],

@@ -117,6 +117,44 @@ def test_inference_refuses_too_few_classes():
         infer_target(CornerDetector(0), dark_images(), 4, IDENTITY, classes=[0, 1])
 
 
+def test_target_inference_is_cached_per_model_data_and_settings(tmp_path, monkeypatch):
+    """A second defense of the same record reuses the search; another model or budget redoes it."""
+    from types import SimpleNamespace
+
+    from pgbd_defense import targets
+    from pgbd_defense.inversion import Inference
+
+    calls = []
+
+    def fake_infer(model, clean, k, normalize, inv, classes=None, scale="log", device="cpu"):
+        calls.append(inv.steps)
+        return Inference(list(range(k)), [9.0, 2.0, 8.0, 7.0], [0.9] * k, [0.5, 4.0, 0.6, 0.7], [1, 3, 2, 0], [1])
+
+    monkeypatch.setattr(targets, "infer_target", fake_infer)
+    record = SimpleNamespace(model=CornerDetector(target=1), num_classes=4)
+    cfg = {"target": "auto", "inversion_steps": 5, "inversion_batch_size": 8, "random_seed": 0,
+           "inversion_classes": None, "inversion_scale": "log"}
+    data = dark_images()
+
+    def defend(name, **change):
+        out = tmp_path / "defense" / name
+        out.mkdir(parents=True, exist_ok=True)
+        found, inference = targets.defended_targets({**cfg, **change}, record, data, IDENTITY, out)
+        assert (out / "target_inference.csv").is_file()
+        return found.tolist(), inference.ranking
+
+    first = defend("pgbd")
+    assert first == ([1, 1, 1, 1], [1, 3, 2, 0]) and calls == [5]
+    assert defend("nt-pgbd") == first and calls == [5]  # reused from <record>/defense/.target_inference_*.json
+    defend("pgbd", inversion_steps=6)
+    assert calls == [5, 6]
+    with torch.no_grad():
+        record.model.scale.add_(1.0)
+    defend("pgbd")
+    assert calls == [5, 6, 5]
+    assert len(list((tmp_path / "defense").glob(".target_inference_*.json"))) == 3
+
+
 def test_st_pavs_point_from_clean_to_triggered_prototypes():
     clean = torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.0]])
     shifted = torch.tensor([[5.0, 5.0], [4.0, 1.0], [2.0, 3.0]])
