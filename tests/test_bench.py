@@ -171,6 +171,45 @@ def test_compare_inside_a_checkout_runs_the_benchmark_scripts_and_tabulates(benc
     assert "failed: see" in md
 
 
+FAKE_ATTACK = '''
+import argparse, os, shutil, sys
+p = argparse.ArgumentParser()
+for a in ("--yaml_path", "--dataset", "--bd_yaml_path", "--save_folder_name", "--epochs"):
+    p.add_argument(a)
+args = p.parse_args()
+assert os.path.isfile(args.yaml_path), args.yaml_path
+with open(os.path.join("record", args.save_folder_name + ".argv"), "w") as f:
+    f.write(" ".join(sys.argv[1:]))
+if args.epochs == "0":
+    sys.exit("no epochs, no model")
+shutil.copytree(os.path.join("record", "tiny"), os.path.join("record", args.save_folder_name))
+'''
+
+
+def test_a_missing_record_is_made_by_the_benchmarks_attack_script(bench, caplog):
+    from pgbd_defense.run import main as run_main
+
+    install(bench)
+    (bench / "attack").mkdir(exist_ok=True)
+    (bench / "attack" / "badnet.py").write_text(FAKE_ATTACK)
+    prototype = bench / "config" / "attack" / "prototype"
+    prototype.mkdir(parents=True)
+    (prototype / "cifar10.yaml").write_text("dataset: cifar10\n")  # none for mnist, as in the benchmark
+    common = ["--bench-root", str(bench), "--attack", "badnet", "--dataset", "mnist", "--epochs", "1",
+              "--batch-size", "16", "--ratio", "0.5", "--preset", "cpu", "--no-progress"]
+    assert run_main([*common, "--attack-args", "--epochs 0"]) == 2
+    assert "the benchmark's badnet attack failed (exit code 1)" in caplog.text
+    assert str(bench / "record" / "badnet_0_1.attack.log") in caplog.text
+    assert not (bench / "record" / "badnet_0_1").exists()
+    assert run_main([*common, "--attack-args", "--epochs 3"]) == 0
+    assert (bench / "record" / "badnet_0_1.argv").read_text() == (
+        "--yaml_path ./config/attack/prototype/cifar10.yaml --dataset mnist --bd_yaml_path "
+        "./config/attack/badnet/default.yaml --save_folder_name badnet_0_1 --epochs 3")
+    assert "has no config/attack/prototype/mnist.yaml" in caplog.text
+    summary = json.loads((bench / "record" / "badnet_0_1" / "defense" / "pgbd" / "summary.json").read_text())
+    assert summary["defense"] == "pgbd" and 0 <= summary["asr"] <= 1
+
+
 def test_running_in_a_checkout_that_lacks_the_plugin_says_how_to_install(bench, caplog):
     from pgbd_defense.run import main as run_main
 
