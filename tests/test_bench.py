@@ -233,6 +233,23 @@ def test_each_checkout_is_imported_from_itself(tmp_path, tiny_data):
         assert str(root.resolve()) not in sys.path
 
 
+def test_a_checkout_of_namespace_packages_is_forgotten_cleanly(tmp_path):
+    """The benchmark's ``utils`` has no __init__.py: its sub-packages' paths are computed
+    from the parent's, which must still be there when they are looked at (a real checkout
+    crashed here on the way out)."""
+    import sys
+
+    from pgbd_defense.bench.checkout import bench_imports
+
+    (tmp_path / "nsutil" / "block").mkdir(parents=True)
+    (tmp_path / "nsutil" / "block" / "gen.py").write_text("VALUE = 7\n")
+    with bench_imports(tmp_path):
+        from nsutil.block import gen
+
+        assert gen.VALUE == 7
+    assert not [n for n in sys.modules if n == "nsutil" or n.startswith("nsutil.")]
+
+
 def test_compare_standalone_uses_the_same_clean_subset(tmp_path, tiny_data):
     from pgbd_defense.run import main as run_main
 

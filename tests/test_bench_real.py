@@ -24,6 +24,7 @@ ROOT = os.environ.get("BACKDOORBENCH_ROOT")
 pytestmark = pytest.mark.skipif(not ROOT, reason="BACKDOORBENCH_ROOT is not set (no BackdoorBench checkout)")
 
 
+@pytest.mark.timeout(3600)  # a full-size model on a CPU: ~15 min for one epoch and the evaluations
 def test_install_check_launcher_uninstall_on_a_real_checkout():
     root = Path(ROOT)
     record = os.environ.get("BACKDOORBENCH_RECORD", "badnet_0_1")

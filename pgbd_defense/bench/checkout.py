@@ -46,8 +46,13 @@ def find_checkout(start: Optional[Path] = None) -> Optional[Path]:
 
 
 def _from_checkout(module, root: str) -> bool:
-    """Whether a module (or a namespace package, which has no file) lives under ``root``."""
-    places = [getattr(module, "__file__", None) or "", *list(getattr(module, "__path__", None) or [])]
+    """Whether a module (or a namespace package, which has no file) lives under ``root``.
+    A namespace package's path is recomputed from its parent package on access, so this
+    must be asked while the parent is still in ``sys.modules``."""
+    try:
+        places = [getattr(module, "__file__", None) or "", *list(getattr(module, "__path__", None) or [])]
+    except Exception:  # a path that cannot be computed: keep the module rather than guess
+        return False
     return any(str(p).startswith(root + os.sep) for p in places)
 
 
@@ -67,6 +72,7 @@ def bench_imports(root: Path) -> Iterator[None]:
     finally:
         if added and root in sys.path:
             sys.path.remove(root)
-        for name in [n for n in sys.modules if n not in before]:
-            if _from_checkout(sys.modules[name], root):
-                del sys.modules[name]
+        # Decide for every module first, then forget: see _from_checkout.
+        ours = [n for n in list(sys.modules) if n not in before and _from_checkout(sys.modules[n], root)]
+        for name in ours:
+            del sys.modules[name]
