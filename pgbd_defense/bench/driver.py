@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from ..tables import comparison_frame, comparison_markdown, write_comparison
-from .compare import BENCH_DEFENSES, BenchRunError, bench_record_name, run_bench_attack, run_bench_defense
+from .compare import (BENCH_DEFENSES, BenchRunError, bench_record_name, defense_config, run_bench_attack,
+                      run_bench_defense)
 
 log = logging.getLogger("pgbd_defense.bench")
 
@@ -27,11 +28,6 @@ FORWARD = {"epochs": "--epochs", "batch_size": "--batch_size", "lr": "--lr", "la
            "mapping": "--mapping", "mapping_components": "--mapping_components", "mapping_steps": "--mapping_steps",
            "inversion_steps": "--inversion_steps", "inversion_batch_size": "--inversion_batch_size",
            "nt_topk": "--nt_topk", "st_steps": "--st_steps"}
-
-
-def _config_for(root: Path, dataset: str) -> str:
-    specific = root / "config" / "defense" / "pgbd" / f"{dataset}.yaml"
-    return f"./config/defense/pgbd/{dataset}.yaml" if specific.is_file() else "./config/defense/pgbd/config.yaml"
 
 
 def bench_flags(args) -> List[str]:
@@ -56,8 +52,8 @@ def run_in_checkout(args, cfg: Dict[str, Any], root: Path) -> int:
     else:
         record = run_bench_attack(root, cfg["attack"], dataset, name, shlex.split(args.attack_args or ""))
     variant = args.defense if args.defense in ("pgbd", "nt-pgbd", "st-pgbd") else "pgbd"
-    cmd = [sys.executable, "./defense/pgbd.py", "--result_file", name, "--yaml_path", _config_for(root, dataset),
-           "--dataset", dataset, "--device", args.device, "--preset", args.preset, "--variant", variant]
+    cmd = [sys.executable, "./defense/pgbd.py", "--result_file", name,
+           "--yaml_path", defense_config(root, "pgbd", dataset), "--dataset", dataset, "--device", args.device, "--preset", args.preset, "--variant", variant]
     for key, flag in FORWARD.items():
         value = getattr(args, key, None) if key != "lambda" else vars(args).get("lambda")
         if value is not None:
