@@ -53,7 +53,8 @@ def run_in_checkout(args, cfg: Dict[str, Any], root: Path) -> int:
         record = run_bench_attack(root, cfg["attack"], dataset, name, shlex.split(args.attack_args or ""))
     variant = args.defense if args.defense in ("pgbd", "nt-pgbd", "st-pgbd") else "pgbd"
     cmd = [sys.executable, "./defense/pgbd.py", "--result_file", name,
-           "--yaml_path", defense_config(root, "pgbd", dataset), "--dataset", dataset, "--device", args.device, "--preset", args.preset, "--variant", variant]
+           "--yaml_path", defense_config(root, "pgbd", dataset), "--dataset", dataset, "--device", args.device,
+           "--preset", args.preset, "--variant", variant]
     for key, flag in FORWARD.items():
         value = getattr(args, key, None) if key != "lambda" else vars(args).get("lambda")
         if value is not None:
