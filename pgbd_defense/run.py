@@ -30,6 +30,7 @@ from .atomic import atomic_write_text
 from .batches import Normalizer
 from .config import DEFAULT_PRESET, PRESETS, ConfigError, merge, read_yaml
 from .data import DataNotFoundError
+from .digest import raw_bytes, update_with_weights
 from .make_record import AttackSettings, build_attack_record, record_name
 from .metrics import DEM, dem, evaluate
 from .models import MODELS, ModelMismatchError
@@ -219,12 +220,10 @@ def poisoned_evaluation(record: AttackRecord, record_dir: Path, normalize: Norma
     side-by-side comparison needs the same numbers. The cache key hashes the weights and
     both test sets, so a changed model or data set is evaluated afresh."""
     h = hashlib.sha1()
-    for k, v in record.model.state_dict().items():
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    update_with_weights(h, record.model)
     for t in (record.clean_test.images, record.clean_test.labels, record.bd_test.images, record.bd_test.labels,
               record.bd_test.original_labels):
-        h.update(t.contiguous().numpy().tobytes())
+        h.update(raw_bytes(t))
     h.update(repr((normalize.mean.tolist(), normalize.std.tolist())).encode())
     path = Path(record_dir) / "defense" / f".poisoned_eval_{h.hexdigest()[:20]}.json"
     if path.is_file():

@@ -20,6 +20,7 @@ from .attacks.base import label_mapping
 from .batches import Normalizer
 from .config import ConfigError
 from .data import ImageSet
+from .digest import raw_bytes, update_with_weights
 from .inversion import Inference, InversionConfig, infer_target
 from .records import AttackRecord, RecordError
 
@@ -53,21 +54,14 @@ def write_inference(inference: Inference, out: Path) -> None:
     atomic_write_text(Path(out) / "target_inference.json", json.dumps(inference.to_dict(), indent=2))
 
 
-def _raw_bytes(tensor: torch.Tensor) -> bytes:
-    # through uint8, as NumPy has no bfloat16
-    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-
-
 def inference_key(model: torch.nn.Module, train: ImageSet, normalize: Normalizer, inv: InversionConfig,
                   classes: Optional[Sequence[int]], scale: str, device: str) -> str:
     """A digest of everything a target inference depends on: the search is minutes of work
     per class, and a record is often defended several times (variants, tables, figures)."""
     h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(_raw_bytes(tensor))
+    update_with_weights(h, model)
     for tensor in (train.images, train.labels, normalize.mean, normalize.std):
-        h.update(_raw_bytes(tensor))
+        h.update(raw_bytes(tensor))
     h.update(json.dumps([asdict(inv), list(classes or []), scale, str(device)]).encode())
     return h.hexdigest()[:16]
 
