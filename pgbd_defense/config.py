@@ -35,7 +35,7 @@ COMMON = {
     "alpha": 0.75,
     "target": "record",
     "random_seed": 0,
-    "eval_every": 1,
+    "eval_every": 0,  # per-epoch test evaluation, a diagnostic (0: off); the returned model is evaluated once
     "proto_memory_mb": 1024.0,
     "defense": "pgbd",
     "optimizer": "sgd",
@@ -196,6 +196,8 @@ def merge(preset: str, yaml_values: Dict[str, Any], cli_values: Dict[str, Any],
     base["lr_scheduler"] = SCHEDULER_ALIASES.get(base["lr_scheduler"], base["lr_scheduler"])
     if isinstance(base.get("optimizer"), str):
         base["optimizer"] = base["optimizer"].lower()
+    if base["eval_every"] is None or int(base["eval_every"]) < 0:
+        raise ConfigError(f"eval_every={base['eval_every']} (must be >= 0; 0 turns the per-epoch test evaluation off)")
     return base
 
 

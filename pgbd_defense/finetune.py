@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Dict, List, Optional
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .atomic import atomic_torch_save
-from .batches import Normalizer, iterate
+from .batches import EVAL_BATCH_SIZE, Normalizer, iterate
 from .data import ImageSet
 from .progress import progress
 from .safe_pickle import safe_torch_load
@@ -162,9 +163,9 @@ def split_validation(clean: ImageSet, share: float, seed: int):
     return (ImageSet(clean.images[kept], clean.labels[kept]), ImageSet(clean.images[held], clean.labels[held]))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def clean_accuracy(model: torch.nn.Module, data: ImageSet, normalize: Normalizer, device: str = "cpu",
-                   batch_size: int = 512) -> float:
+                   batch_size: int = EVAL_BATCH_SIZE) -> float:
     was_training = model.training
     model.eval()
     correct = 0
@@ -243,13 +244,45 @@ def make_optimizer(model, cfg: LoopConfig):
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
+class PhaseClock:
+    """Wall-clock seconds per named phase of a run, summed over its visits.
+
+    >>> clock = PhaseClock()
+    >>> with clock("training"):
+    ...     pass
+    >>> list(clock.seconds)
+    ['training']
+    """
+
+    def __init__(self):
+        self.seconds: Dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
 @dataclass
 class FinetuneResult:
+    """What :func:`finetune` did.
+
+    ``seconds`` per phase of this process's part of the run (a resumed run counts from the
+    resume): ``prepare`` (the method's work before the first epoch: PGBD's prototypes,
+    NAD's teacher, ST-PGBD's trigger search), ``epoch_updates`` (re-estimated prototypes,
+    NT-PGBD's cycling), ``training`` (the updates), ``selection`` (held-out clean accuracy),
+    ``diagnostics`` (the ``on_epoch_end`` callback: per-epoch test evaluation when asked
+    for), ``checkpoint`` (saving the resumable state)."""
+
     history: List[Dict[str, float]]
     selected_epoch: int  # 0-based; -1: the model before fine-tuning
     collapsed: bool = False
     val_acc_before: Optional[float] = None
     notes: List[str] = field(default_factory=list)
+    seconds: Dict[str, float] = field(default_factory=dict)
 
 
 EpochCallback = Callable[[int, Dict[str, float]], Optional[Dict[str, float]]]
@@ -267,6 +300,7 @@ def finetune(model: torch.nn.Module, method: Method, train: ImageSet, normalize:
     With ``checkpoint`` the whole loop state is saved atomically after every epoch and
     ``resume=True`` continues from it to the same numbers as an uninterrupted run."""
     cfg = method.cfg
+    clock = PhaseClock()
     model.to(device)
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = make_optimizer(model, cfg)
@@ -277,7 +311,8 @@ def finetune(model: torch.nn.Module, method: Method, train: ImageSet, normalize:
                 "fingerprint": (fingerprint or []) + _fingerprint(train) + (_fingerprint(val) if val else [])}
     history: List[Dict[str, float]] = []
     first_epoch, best_acc, best_epoch, best_state, collapsed, epochs_below = 0, -1.0, -1, None, False, 0
-    val_before = clean_accuracy(model, val, normalize, device) if val is not None else None
+    with clock("selection"):
+        val_before = clean_accuracy(model, val, normalize, device) if val is not None else None
     initial_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if val is not None else None
     if resume and checkpoint is not None and Path(checkpoint).is_file():
         saved = safe_torch_load(checkpoint)
@@ -299,35 +334,42 @@ def finetune(model: torch.nn.Module, method: Method, train: ImageSet, normalize:
         first_epoch = int(saved["epoch"]) + 1
         log.info("resuming from %s after epoch %d", checkpoint, first_epoch)
     else:
-        method.start(model, train, normalize, hflip, device)
+        with clock("prepare"):
+            method.start(model, train, normalize, hflip, device)
     for epoch in range(first_epoch, cfg.epochs):
-        method.begin_epoch(epoch, model, train, normalize, device)
-        stats = _train_epoch(model, method, train, normalize, opt, sched, gen, epoch, hflip, device)
+        with clock("epoch_updates"):
+            method.begin_epoch(epoch, model, train, normalize, device)
+        with clock("training"):
+            stats = _train_epoch(model, method, train, normalize, opt, sched, gen, epoch, hflip, device)
         if val is not None:
-            stats["val_acc"] = clean_accuracy(model, val, normalize, device)
-            if stats["val_acc"] > best_acc:
-                best_acc, best_epoch = stats["val_acc"], epoch
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            with clock("selection"):
+                stats["val_acc"] = clean_accuracy(model, val, normalize, device)
+                if stats["val_acc"] > best_acc:
+                    best_acc, best_epoch = stats["val_acc"], epoch
+                    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             below = selection.collapse_margin and stats["val_acc"] < val_before - selection.collapse_margin
             epochs_below = epochs_below + 1 if below else 0
             collapsed = epochs_below >= selection.collapse_patience
-        extra = on_epoch_end(epoch, stats) if on_epoch_end is not None else None
+        with clock("diagnostics"):
+            extra = on_epoch_end(epoch, stats) if on_epoch_end is not None else None
         history.append({**stats, **(extra or {})})
         if checkpoint is not None:
-            atomic_torch_save({
-                "epoch": epoch, "identity": identity,
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
-                "generator": gen.get_state(), "method": method.state_dict(), "history": history,
-                "best_acc": best_acc, "best_epoch": best_epoch, "best_state": best_state, "val_before": val_before,
-                "initial_state": initial_state, "epochs_below": epochs_below,
-            }, checkpoint)
+            with clock("checkpoint"):
+                atomic_torch_save({
+                    "epoch": epoch, "identity": identity,
+                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
+                    "generator": gen.get_state(), "method": method.state_dict(), "history": history,
+                    "best_acc": best_acc, "best_epoch": best_epoch, "best_state": best_state,
+                    "val_before": val_before, "initial_state": initial_state, "epochs_below": epochs_below,
+                }, checkpoint)
         if collapsed:
             log.warning("collapse guard: held-out clean accuracy %.4f at epoch %d, more than %.2f below its "
                         "%.4f before fine-tuning for %d epochs; stopping", stats["val_acc"], epoch + 1,
                         selection.collapse_margin, val_before, selection.collapse_patience)
             break
-    result = FinetuneResult(history, selected_epoch=len(history) - 1, collapsed=collapsed, val_acc_before=val_before)
+    result = FinetuneResult(history, selected_epoch=len(history) - 1, collapsed=collapsed, val_acc_before=val_before,
+                            seconds=clock.seconds)
     if val is not None:
         above_guard = best_state is not None and best_acc >= val_before - selection.collapse_margin
         if collapsed and not above_guard:

@@ -14,7 +14,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .batches import Normalizer, iterate
+from .batches import EVAL_BATCH_SIZE, Normalizer, iterate
 from .progress import progress
 
 
@@ -44,25 +44,27 @@ def dem(ca_poisoned: float, asr_poisoned: float, ca_defended: float, asr_defende
     return DEM(delta_c=1 - max(d_c, 0.0), delta_a=max(d_a, 0.0))
 
 
-@torch.no_grad()
-def predict(model: torch.nn.Module, images: torch.Tensor, normalize: Normalizer, batch_size: int = 512,
+@torch.inference_mode()  # only predictions and a float leave: nothing here is trained on
+def predict(model: torch.nn.Module, images: torch.Tensor, normalize: Normalizer, batch_size: int = EVAL_BATCH_SIZE,
             device: str = "cpu", labels: Optional[torch.Tensor] = None, desc: Optional[str] = None):
     """Predictions (and the mean cross-entropy against ``labels`` if given), in eval mode."""
     was_training = model.training
     model.eval()
-    preds, loss_sum = [], 0.0
+    preds, losses = [], []
     dummy = labels if labels is not None else torch.zeros(len(images), dtype=torch.int64)
     batches = iterate(images, dummy, batch_size, normalize, device=device)
     for x, y, _ in progress(batches, total=-(-len(images) // batch_size), desc=desc, leave=False):
         logits = model(x)
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        losses.append(F.cross_entropy(logits, y, reduction="none").cpu())
         preds.append(logits.argmax(1).cpu())
     model.train(was_training)
     out = torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
+    # Summed per sample in float64 at the end, so the mean does not depend on the batch size.
+    loss_sum = torch.cat(losses).double().sum().item() if losses else 0.0
     return out, loss_sum / max(len(images), 1)
 
 
-def evaluate(model, clean_test, bd_test, normalize: Normalizer, batch_size: int = 512,
+def evaluate(model, clean_test, bd_test, normalize: Normalizer, batch_size: int = EVAL_BATCH_SIZE,
              device: str = "cpu") -> Dict[str, float]:
     """Everything BackdoorBench logs per epoch about a model's test behaviour."""
     clean_pred, clean_loss = predict(model, clean_test.images, normalize, batch_size, device,

@@ -19,7 +19,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans, MiniBatchKMeans
 
-from .batches import Normalizer, iterate
+from .batches import EVAL_BATCH_SIZE, Normalizer, iterate
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,9 @@ def capture(model: torch.nn.Module, layer_name: str) -> Iterator[dict]:
         handle.remove()
 
 
-@torch.no_grad()
+@torch.no_grad()  # not inference_mode: callers train on these activations (the mapping)
 def collect_activations(model: torch.nn.Module, layer_name: str, images: torch.Tensor,
-                        normalize: Normalizer, batch_size: int = 256, device: str = "cpu",
+                        normalize: Normalizer, batch_size: int = EVAL_BATCH_SIZE, device: str = "cpu",
                         flatten: bool = True) -> torch.Tensor:
     """Activations of ``layer_name`` for ``images`` (N x D, or the layer's own shape with
     ``flatten=False``), model in eval mode."""
@@ -147,7 +147,7 @@ def stream_prototypes(model: torch.nn.Module, layer: str, images: torch.Tensor, 
             continue
         need_mb = len(idx) * dim * _BYTES_PER_VALUE / 2**20
         if need_mb <= memory_budget_mb:
-            acts = collect_activations(model, layer, images[idx], normalize, batch_size, device)
+            acts = collect_activations(model, layer, images[idx], normalize, device=device)
             centroids.append(kmeans_centroids(acts, n_clusters, seed))
             continue
         log.info("class %d: %d x %d activations need %.0f MB > budget %.0f MB: streaming MiniBatchKMeans",

@@ -38,7 +38,7 @@ from .bench.checkout import find_checkout, require_checkout
 from .bench.compare import BenchRunError
 from .defenses import DEFENSES, VARIANT_DEFENSES, build_method
 from .mapping import MappingError, cached_backbone_features, features_from_file, parse_source
-from .finetune import NonFiniteLossError, ResumeMismatchError, Selection, finetune, split_positions
+from .finetune import NonFiniteLossError, PhaseClock, ResumeMismatchError, Selection, finetune, split_positions
 from .prototypes import LayerNotFoundError, last_conv_name, find_layer
 from .records import AttackRecord, RecordError, load_attack_record, write_defense_result
 from .registry import UnknownNameError
@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ratio", type=float, help="share of the clean training split the defender holds (0.05)")
     g.add_argument("--index", help="file of clean-subset indices (BackdoorBench's index.txt) instead of a draw")
     g.add_argument("--seed", dest="random_seed", type=int)
-    g.add_argument("--eval-every", dest="eval_every", type=int, help="evaluate on the test sets every N epochs")
+    g.add_argument("--eval-every", dest="eval_every", type=int,
+                   help="diagnostic: also evaluate on the test sets after every N epochs (default 0: off; the "
+                        "returned model is always evaluated once, and selection never uses these numbers)")
     g = p.add_argument_group("side by side")
     g.add_argument("--compare", type=lambda v: [d for d in v.split(",") if d],
                    help="after PGBD, run these defenses on the same record and clean subset and write one table "
@@ -362,6 +364,7 @@ def defend_record(args, cfg: Dict[str, Any], record: AttackRecord, record_dir: P
 
 def _defend(args, cfg, record: AttackRecord, record_dir: Path, out: Path) -> int:
     started = time.time()  # the defense's own time; building the attack record is not counted
+    clock = PhaseClock()
     info = data_mod.dataset_info(record.clean_data)
     normalize = record.normalizer()
     layer = cfg["layer"] or last_conv_name(record.model)
@@ -375,28 +378,34 @@ def _defend(args, cfg, record: AttackRecord, record_dir: Path, out: Path) -> int
     kept, held = split_positions(clean.labels, selection.val_share, cfg["random_seed"])
     train = data_mod.ImageSet(clean.images[kept], clean.labels[kept])
     val = data_mod.ImageSet(clean.images[held], clean.labels[held]) if held is not None else None
-    targets, inference = defended_targets(cfg, record, train, normalize, out, args.device)
-    teacher = teacher_features(cfg, train, kept.tolist(), indices, record_dir, args.device)
+    with clock("target_inference"):
+        targets, inference = defended_targets(cfg, record, train, normalize, out, args.device)
+    with clock("teacher_features"):
+        teacher = teacher_features(cfg, train, kept.tolist(), indices, record_dir, args.device)
     method = build_method(args.defense, cfg, targets, layer, teacher)
     log.info("record %s: %s, %d classes, targets %s; clean subset %d samples (%d train, %d held out); "
              "defense %s; layer %s", record_dir, record.model_name, record.num_classes, targets.tolist(), len(clean),
              len(train), len(val) if val is not None else 0, args.defense, layer)
-    before = poisoned_evaluation(record, record_dir, normalize, args.device)
+    with clock("poisoned_evaluation"):
+        before = poisoned_evaluation(record, record_dir, normalize, args.device)
     log.info("poisoned model: CA %.4f ASR %.4f RA %.4f", before["test_acc"], before["test_asr"], before["test_ra"])
     if before["test_asr"] == 0 or before["test_acc"] == 0:
         log.warning("the record's model shows no backdoor (ASR %.4f) or no accuracy (CA %.4f): DEM is undefined "
                     "and will be reported as NaN", before["test_asr"], before["test_acc"])
-    eval_every = max(1, int(cfg["eval_every"]))
-    epochs = method.cfg.epochs
+    eval_every = int(cfg["eval_every"])
 
     def on_epoch_end(epoch: int, stats: Dict[str, float]) -> Dict[str, float]:
-        # Test-set numbers are logged for the per-epoch table only: selection never sees them.
+        # Test-set numbers are a diagnostic for the per-epoch table, off unless asked for
+        # (--eval-every N): selection never sees them.
         row = {"epoch": epoch, "batch": -(-len(train) // method.cfg.batch_size) - 1}
-        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+        if eval_every and (epoch + 1) % eval_every == 0:
             row.update(evaluate(record.model, record.clean_test, record.bd_test, normalize, device=args.device))
             log.info("epoch %d: loss %.4f held-out %s CA %.4f ASR %.4f RA %.4f", epoch + 1,
                      stats["train_epoch_loss_avg_over_batch"], _pct(stats.get("val_acc")), row["test_acc"],
                      row["test_asr"], row["test_ra"])
+        else:
+            log.info("epoch %d: loss %.4f held-out %s", epoch + 1, stats["train_epoch_loss_avg_over_batch"],
+                     _pct(stats.get("val_acc")))
         return row
 
     checkpoint = out / "checkpoint" / "last.pt"
@@ -411,10 +420,16 @@ def _defend(args, cfg, record: AttackRecord, record_dir: Path, out: Path) -> int
                   "to continue", checkpoint)
         raise
     rows = result.history
-    if result.selected_epoch == len(rows) - 1 and "test_acc" in rows[-1]:
-        after = rows[-1]
+    chosen = rows[result.selected_epoch] if result.selected_epoch >= 0 else None
+    # The returned model is evaluated once: a diagnostic evaluation of its own epoch is
+    # reused (same weights, same numbers), any other epoch's is not evaluated again.
+    if chosen is not None and "test_acc" in chosen:
+        after = chosen
     else:
-        after = evaluate(record.model, record.clean_test, record.bd_test, normalize, device=args.device)
+        with clock("evaluation"):
+            after = evaluate(record.model, record.clean_test, record.bd_test, normalize, device=args.device)
+        if chosen is not None:
+            chosen.update(after)  # the per-epoch table shows the returned model's numbers at its epoch
     for note in result.notes:
         log.warning("%s", note)
     log.info("selected epoch %d of %d (%s)", result.selected_epoch + 1, len(rows),
@@ -426,6 +441,7 @@ def _defend(args, cfg, record: AttackRecord, record_dir: Path, out: Path) -> int
         "ca_poisoned": before["test_acc"], "asr_poisoned": before["test_asr"], "ra_poisoned": before["test_ra"],
         "ca": after["test_acc"], "asr": after["test_asr"], "ra": after["test_ra"], "dem": d.value,
         "delta_c": d.delta_c, "delta_a": d.delta_a, "seconds": round(time.time() - started, 1),
+        **{f"seconds_{phase}": round(t, 2) for phase, t in {**clock.seconds, **result.seconds}.items()},
         "record": str(record_dir), "clean_samples": len(clean), "train_samples": len(train),
         "val_samples": len(val) if val is not None else 0, "selected_epoch": result.selected_epoch,
         "epochs_run": len(rows), "collapsed": result.collapsed, "val_acc_before": result.val_acc_before,

@@ -44,13 +44,18 @@ def test_defense_folder_has_backdoorbench_files(record, capsys):
     assert df["epoch"].tolist() == [0, 1]
     summary_df = pd.read_csv(out / "pgbd_df_summary.csv", index_col=0)
     assert summary_df.index.tolist() == ["last", "valid_max", "exist_nan_value"]
-    assert summary_df.loc["last", "test_acc"] == pytest.approx(df["test_acc"].iloc[-1])
     summary = json.loads((out / "summary.json").read_text())
     for key in ("attack", "dataset", "defense", "ca_poisoned", "asr_poisoned", "ra_poisoned", "ca", "asr", "ra",
                 "dem", "seconds"):
         assert key in summary
-    assert summary["ca"] == pytest.approx(df["test_acc"].iloc[summary["selected_epoch"]])
-    assert summary["asr"] == pytest.approx(df["test_asr"].iloc[-1])
+    # Per-epoch test evaluation is off by default: only the returned epoch's row has test numbers.
+    selected = summary["selected_epoch"]
+    assert df["test_acc"].notna().tolist() == [epoch == selected for epoch in (0, 1)]
+    assert summary["ca"] == pytest.approx(df["test_acc"].iloc[selected])
+    assert summary["asr"] == pytest.approx(df["test_asr"].iloc[selected])
+    for phase in ("prepare", "training", "selection", "evaluation", "poisoned_evaluation"):
+        assert summary[f"seconds_{phase}"] >= 0, phase
+    assert summary["seconds_prepare"] + summary["seconds_training"] <= summary["seconds"] + 0.1
     assert len((out / "index.txt").read_text().split()) == 60  # 50% of 120
     assert load_defense_result(out)["model_name"] == "preactresnet18"
     printed = capsys.readouterr().out
@@ -136,6 +141,34 @@ def test_poisoned_model_is_evaluated_once_per_record(record, monkeypatch):
     monkeypatch.setattr(run_module, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
     assert _run(record, "--defense-name", "second", "--eval-every", "100", "--select", "last") == 0
     assert len(calls) == 1  # the defended model only; the poisoned numbers came from the cache
+
+
+def test_only_the_returned_model_is_evaluated_unless_asked(record, monkeypatch):
+    """Per-epoch test evaluation is a diagnostic, off by default; when it is on, the returned
+    epoch's numbers are reused rather than computed again."""
+    import pgbd_defense.run as run_module
+
+    calls = []
+    real = run_module.evaluate
+    monkeypatch.setattr(run_module, "evaluate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert _run(record, "--defense-name", "quiet", "--epochs", "3") == 0
+    assert len(calls) == 2  # the poisoned model (then cached for the record) and the returned one
+    calls.clear()
+    assert _run(record, "--defense-name", "diagnosed", "--epochs", "3", "--eval-every", "1") == 0
+    assert len(calls) == 3
+    out = record[0] / "defense"
+    df = pd.read_csv(out / "diagnosed" / "diagnosed_df.csv", index_col=0)
+    summary = json.loads((out / "diagnosed" / "summary.json").read_text())
+    assert df["test_acc"].notna().all()
+    assert summary["ca"] == df["test_acc"].iloc[summary["selected_epoch"]]
+    quiet = json.loads((out / "quiet" / "summary.json").read_text())
+    assert (quiet["ca"], quiet["asr"], quiet["ra"]) == (summary["ca"], summary["asr"], summary["ra"])
+
+
+def test_negative_eval_every_is_refused_before_any_work(record, caplog):
+    assert _run(record, "--eval-every", "-1") == 2
+    assert "eval_every=-1 (must be >= 0" in caplog.text
+    assert not (record[0] / "defense" / "pgbd").exists()
 
 
 def test_no_progress_lasts_for_its_own_call_only(tmp_path, monkeypatch):

@@ -139,7 +139,8 @@ def test_poisoned_test_data_cannot_change_what_is_selected(tmp_path, tiny_data, 
         return out
 
     monkeypatch.setattr(run_module, "evaluate", lying_evaluate)
-    assert run_module.main([*cli, "--defense-name", "lied-to"]) == 0
+    assert run_module.main([*cli, "--defense-name", "lied-to", "--eval-every", "1"]) == 0
+    assert calls["n"] == 4  # every epoch's diagnostic; the returned epoch's is reused, not repeated
     a = load_defense_result(folder / "defense" / "honest")["model"]
     b = load_defense_result(folder / "defense" / "lied-to")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
