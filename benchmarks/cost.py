@@ -87,8 +87,8 @@ class Scale:
 
 FULL = Scale(seconds=3.0, peak_size=2048, widths=[
     WidthPlan(0.125, {"epochs": 3, "lr": 0.02, "augment": False, "train_subset": 20000}, 3000, 0, 5),
-    WidthPlan(1.0, {"epochs": 1, "train_subset": 2000}, 300, 1000, 2),
-], repeats=2, epoch_samples=3000, epoch_repeats=3, reference_batches=10)
+    WidthPlan(1.0, {"epochs": 1, "train_subset": 2000}, 300, 1000, 5),
+], repeats=3, epoch_samples=3000, epoch_repeats=3, reference_batches=10)
 # The smoke run takes the same code paths on narrower models: a full-width record's own
 # test evaluation (19,000 images) alone would take a minute here.
 SMOKE = Scale(seconds=0.05, peak_size=256, widths=[
@@ -312,47 +312,68 @@ def verdict(value: float, target: float, at_most: bool = True) -> str:
     return f"target {'<=' if at_most else '>='} {target:g}: {'met' if met else 'MISSED'}"
 
 
+PARTS = ("throughput", "whole", "epoch")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks that the script runs, measures nothing")
     p.add_argument("--work", help="folder for the benchmark's records (default: a temporary folder)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     args = p.parse_args()
+    parts = [x for x in args.parts.split(",") if x]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        p.error(f"unknown parts {unknown}; choose from {', '.join(PARTS)}")
     scale = SMOKE if args.smoke else FULL
     with quiet(), tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads"
               + (" -- SMOKE RUN: sizes too small for the numbers to mean anything" if args.smoke else ""))
-        peak = matmul_peak_gflops(scale.peak_size)
-        print(f"\n## Peak\n{peak:.0f} GFLOP/s: float32 {scale.peak_size}x{scale.peak_size} torch.mm on "
-              f"{torch.get_num_threads()} threads, best of 5 (the practical ceiling; convolutions lower to "
-              "the same kernels)\n")
-        print("## Throughput (PreAct-ResNet18, 28x28 gray; training counted as 3 forward passes)")
-        print("\n".join(throughput_table(scale, peak)))
-        print("\n## Whole defense (run.defend_record, cpu preset; fastest of "
-              f"{scale.repeats}, FT and PGBD interleaved)")
-        print("| width | clean subset | test images | epochs | FT s | PGBD s | PGBD / FT | phases (PGBD) |")
-        print("|---|---|---|---|---|---|---|---|")
-        ratios = {}
-        with warnings.catch_warnings():
-            if args.smoke:  # classes without enough clean samples in a 60-image subset: expected here
-                warnings.simplefilter("ignore", UserWarning)
-            for plan in scale.widths:
-                best = whole_defense(plan, scale.repeats, work)
-                ft, pg = best["ft"], best["pgbd"]
-                ratios[plan.width] = pg["wall"] / ft["wall"]
-                print(f"| {plan.width:g} | {pg['summary']['clean_samples']} | {plan.test_samples or 'all'} | "
-                      f"{plan.epochs} | {ft['wall']:.1f} | {pg['wall']:.1f} | {ratios[plan.width]:.3f} | "
-                      f"{phase_line(pg['summary'])} |")
-                print(f"|   |   |   |   | FT phases: {phase_line(ft['summary'])} | | | |")
-        for width, ratio in ratios.items():
-            print(f"whole PGBD / whole FT at width {width:g} = {ratio:.3f} ({verdict(ratio, 1.15)})")
-        ft_s, pgbd_s, ref_s = epoch_costs(scale)
-        print(f"\n## One epoch (width 0.125, {scale.epoch_samples} samples, batch 16; fastest of "
-              f"{scale.epoch_repeats})")
-        print(f"FT epoch {ft_s:.2f} s, PGBD epoch {pgbd_s:.2f} s, per-sample reference epoch {ref_s:.2f} s "
-              f"(scaled from {scale.reference_batches} batches)")
-        print(f"PGBD epoch / FT epoch = {pgbd_s / ft_s:.3f} ({verdict(pgbd_s / ft_s, 1.10)})")
-        print(f"reference / PGBD epoch = {ref_s / pgbd_s:.2f} ({verdict(ref_s / pgbd_s, 3, at_most=False)})")
+        if "throughput" in parts:
+            report_throughput(scale)
+        if "whole" in parts:
+            report_whole(scale, work, args.smoke)
+        if "epoch" in parts:
+            report_epoch(scale)
+
+
+def report_throughput(scale: Scale) -> None:
+    peak = matmul_peak_gflops(scale.peak_size)
+    print(f"\n## Peak\n{peak:.0f} GFLOP/s: float32 {scale.peak_size}x{scale.peak_size} torch.mm on "
+          f"{torch.get_num_threads()} threads, best of 5 (the practical ceiling; convolutions lower to "
+          "the same kernels)\n")
+    print("## Throughput (PreAct-ResNet18, 28x28 gray; training counted as 3 forward passes)")
+    print("\n".join(throughput_table(scale, peak)))
+
+
+def report_whole(scale: Scale, work: Path, smoke: bool) -> None:
+    print(f"\n## Whole defense (run.defend_record, cpu preset; fastest of {scale.repeats}, FT and PGBD interleaved)")
+    print("| width | clean subset | test images | epochs | FT s | PGBD s | PGBD / FT | phases (PGBD) |")
+    print("|---|---|---|---|---|---|---|---|")
+    ratios = {}
+    with warnings.catch_warnings():
+        if smoke:  # classes without enough clean samples in a 60-image subset: expected here
+            warnings.simplefilter("ignore", UserWarning)
+        for plan in scale.widths:
+            best = whole_defense(plan, scale.repeats, work)
+            ft, pg = best["ft"], best["pgbd"]
+            ratios[plan.width] = pg["wall"] / ft["wall"]
+            print(f"| {plan.width:g} | {pg['summary']['clean_samples']} | {plan.test_samples or 'all'} | "
+                  f"{plan.epochs} | {ft['wall']:.1f} | {pg['wall']:.1f} | {ratios[plan.width]:.3f} | "
+                  f"{phase_line(pg['summary'])} |")
+            print(f"|   |   |   |   | FT phases: {phase_line(ft['summary'])} | | | |")
+    for width, ratio in ratios.items():
+        print(f"whole PGBD / whole FT at width {width:g} = {ratio:.3f} ({verdict(ratio, 1.15)})")
+
+
+def report_epoch(scale: Scale) -> None:
+    ft_s, pgbd_s, ref_s = epoch_costs(scale)
+    print(f"\n## One epoch (width 0.125, {scale.epoch_samples} samples, batch 16; fastest of {scale.epoch_repeats})")
+    print(f"FT epoch {ft_s:.2f} s, PGBD epoch {pgbd_s:.2f} s, per-sample reference epoch {ref_s:.2f} s "
+          f"(scaled from {scale.reference_batches} batches)")
+    print(f"PGBD epoch / FT epoch = {pgbd_s / ft_s:.3f} ({verdict(pgbd_s / ft_s, 1.10)})")
+    print(f"reference / PGBD epoch = {ref_s / pgbd_s:.2f} ({verdict(ref_s / pgbd_s, 3, at_most=False)})")
 
 
 if __name__ == "__main__":

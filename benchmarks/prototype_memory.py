@@ -6,6 +6,7 @@ its peak resident memory over the same process after setup, so the numbers
 compare within this run.
 
     python benchmarks/prototype_memory.py [--samples 1000 4000] [--channels 2 8]
+    python benchmarks/prototype_memory.py --smoke    # seconds: checks that it still runs (CI does)
 
 The "model" is one 3x3 convolution on 64x64 images (the activation is channels x
 64 x 64 values), so that large activations cost little compute on a CPU.
@@ -56,7 +57,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--samples", type=int, nargs="+", default=[1000, 4000])
     p.add_argument("--channels", type=int, nargs="+", default=[2, 8])
+    p.add_argument("--smoke", action="store_true", help="one tiny row: checks that the script runs, measures nothing")
     args = p.parse_args()
+    if args.smoke:
+        args.samples, args.channels = [60], [1]
     print(f"{'samples':>8} {'dims':>7} {'activations MB':>15} | " + " | ".join(f"{m:>24}" for m in MODES))
     for channels in args.channels:
         for n in args.samples:
@@ -66,7 +70,8 @@ def main() -> None:
             base = results["all-at-once"]["rise_mb"]
             for m in MODES:
                 r = results[m]
-                cells.append(f"{r['rise_mb']:7.0f} MB {r['rise_mb'] / base:5.2f}x {r['seconds']:5.1f}s")
+                ratio = f"{r['rise_mb'] / base:5.2f}x" if base > 0 else "    -"  # a tiny run may not rise at all
+                cells.append(f"{r['rise_mb']:7.0f} MB {ratio} {r['seconds']:5.1f}s")
             print(f"{n:>8} {dims:>7} {n * dims * 4 / 2**20:>15.0f} | " + " | ".join(f"{c:>24}" for c in cells))
     print("ratios are peak-memory rise relative to all-at-once in the same row")
 

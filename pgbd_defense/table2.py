@@ -61,7 +61,7 @@ PRESETS: Dict[str, TablePreset] = {
         defenses=["ft", "nad", "i-bau", "ft-sam", "pgbd", "nt-pgbd"],
         attack=AttackSettings(width=0.125, epochs=3, lr=0.02, augment=False, train_subset=20000),
         per_attack={"wanet": {"train_subset": 30000}},
-        run_preset="cpu", defense_args=["--eval-every", "1000"], gate_seeds=3,
+        run_preset="cpu", gate_seeds=3,
         note="Fashion-MNIST, PreAct-ResNet18 x0.125, 3 attack epochs; the cpu preset's defenses (5 epochs, "
              "batch 16) on a 5% clean subset"),
     # The paper's setting (Sec. 5): for a GPU. Per cell on one modern GPU, roughly: attack 100 epochs
