@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 
 # Images per forward pass when only predictions are needed (test sets, held-out accuracy,
-# activations). Measured on 2 cores (benchmarks/cost.py): 128 runs PreAct-ResNet18 1.3x
-# (width 0.125) to 1.8x (full width) faster than 512, whose activations overflow the
-# caches; the logits are bit-identical at any batch size, so no number moves.
+# activations). Measured on 2 cores (benchmarks/cost.py, results/cost.md): 128 runs
+# PreAct-ResNet18 1.2x (width 0.125) to 1.4x (full width) faster than 512, whose
+# activations overflow the caches. The logits are bit-identical at any batch size from
+# 16 up (tests/test_metrics.py); below 16, as a pass's last partial batch may be at any
+# size, oneDNN takes other kernels and logits move by ~1e-9 (as they did at 512).
 EVAL_BATCH_SIZE = 128
 
 

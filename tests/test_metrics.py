@@ -41,3 +41,23 @@ def test_asr_and_ra_by_hand():
     pred = torch.tensor([1, 1, 0])
     assert attack_success_rate(pred, attack, true) == pytest.approx(2 / 3)
     assert robust_accuracy(pred, true, attack) == pytest.approx(1 / 3)
+
+
+def test_predictions_and_loss_do_not_depend_on_the_batch_size():
+    """The evaluation batch size is a speed setting: predictions are bit-identical and the
+    mean loss equal to float64 rounding at any size from 16 up (benchmarks/cost.py picks the
+    default). Under 16 images oneDNN takes other kernels and logits move by ~1e-9 here."""
+    from pgbd_defense.batches import Normalizer
+    from pgbd_defense.metrics import predict
+    from pgbd_defense.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("preactresnet18", 10, in_channels=1, width=0.0625).eval()
+    images = torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(300) % 10
+    norm = Normalizer((0.5,), (0.5,), 1)
+    ref_pred, ref_loss = predict(model, images, norm, batch_size=512, labels=labels)
+    for batch_size in (16, 64, 128, 300):
+        pred, loss = predict(model, images, norm, batch_size=batch_size, labels=labels)
+        assert torch.equal(pred, ref_pred), batch_size
+        assert loss == pytest.approx(ref_loss, rel=1e-12, abs=0), batch_size

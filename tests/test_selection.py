@@ -176,3 +176,22 @@ def test_nt_pgbd_recomputes_pavs_for_each_assumed_target(tiny_data):
     finetune(model, method, clean, NORM)
     # class t has no term while t is the assumed target: 0, 0, 1, 1
     assert [int(torch.nonzero(~a).flatten()[0]) for a in actives] == [0, 0, 1, 1]
+
+
+def test_seconds_are_charged_to_the_phase_that_spent_them(tiny_data):
+    """A method whose preparation sleeps: the sleep lands in ``prepare``, not in ``training``."""
+    import time as time_mod
+
+    class SlowStart(Method):
+        def start(self, model, train, normalize, hflip, device):
+            time_mod.sleep(0.3)
+
+    torch.manual_seed(0)
+    model = build_model("preactresnet18", 10, in_channels=1, width=0.0625)
+    train, val = split_validation(_tiny(tiny_data), 0.25, seed=0)
+    result = finetune(model, SlowStart(LoopConfig(epochs=2, lr=0.01, batch_size=16)), train, NORM, val=val,
+                      selection=Selection(val_share=0.25))
+    assert {"prepare", "epoch_updates", "training", "selection", "diagnostics"} <= set(result.seconds)
+    assert result.seconds["prepare"] >= 0.3
+    assert result.seconds["training"] < result.seconds["prepare"] + 5  # the sleep is not counted twice
+    assert all(v >= 0 for v in result.seconds.values())
