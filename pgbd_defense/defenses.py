@@ -11,6 +11,7 @@ import torch
 
 from .baselines.ftsam import FTSAMConfig, FTSAMMethod
 from .baselines.ibau import IBAUConfig, IBAUMethod
+from .baselines.mcl import MCLConfig, MCLMethod
 from .baselines.nad import NADConfig, NADMethod
 from .finetune import LoopConfig, Method
 from .pgbd import PGBDConfig, PGBDMethod
@@ -23,7 +24,9 @@ def loop_settings(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return {"lr": cfg["lr"], "momentum": cfg["sgd_momentum"], "weight_decay": cfg["wd"], "epochs": cfg["epochs"],
             "batch_size": cfg["batch_size"], "optimizer": cfg["optimizer"], "freeze_bn": cfg["freeze_bn"],
             "augment": cfg["augment"], "grad_clip": cfg["grad_clip"], "lr_scheduler": cfg["lr_scheduler"],
-            "seed": cfg["random_seed"]}
+            "scheduler_interval": cfg["scheduler_interval"], "cos_t_max": cfg["cos_t_max"],
+            "steplr_milestones": tuple(cfg["steplr_milestones"]), "steplr_gamma": cfg["steplr_gamma"],
+            "amsgrad": cfg["amsgrad"], "seed": cfg["random_seed"]}
 
 
 def _pgbd_config(cfg: Dict[str, Any], layer: str, variant: str) -> PGBDConfig:
@@ -61,20 +64,27 @@ def _ft(cfg: Dict[str, Any], targets: torch.Tensor, layer: str, teacher=None) ->
 
 @DEFENSES.register("nad")
 def _nad(cfg: Dict[str, Any], targets: torch.Tensor, layer: str, teacher=None) -> Method:
-    return NADMethod(NADConfig(**loop_settings(cfg), te_epochs=cfg["te_epochs"], betas=tuple(cfg["betas"]),
-                               p=cfg["p"], layers=tuple(cfg["nad_layers"])))
+    return NADMethod(NADConfig(**loop_settings(cfg), te_epochs=cfg["te_epochs"], te_lr_scheduler=cfg["te_lr_scheduler"],
+                               betas=tuple(cfg["betas"]), p=cfg["p"], layers=tuple(cfg["nad_layers"])))
 
 
 @DEFENSES.register("ft-sam")
 def _ftsam(cfg: Dict[str, Any], targets: torch.Tensor, layer: str, teacher=None) -> Method:
-    return FTSAMMethod(FTSAMConfig(**loop_settings(cfg), rho=cfg["rho"], adaptive=cfg["adaptive"],
+    return FTSAMMethod(FTSAMConfig(**loop_settings(cfg), rho=cfg["rho"], adaptive=cfg["adaptive"], eta=cfg["sam_eta"],
                                    label_smoothing=cfg["label_smoothing"]))
 
 
 @DEFENSES.register("i-bau")
 def _ibau(cfg: Dict[str, Any], targets: torch.Tensor, layer: str, teacher=None) -> Method:
-    return IBAUMethod(IBAUConfig(**loop_settings(cfg), inner_steps=cfg["inner_steps"], inner_lr=cfg["inner_lr"],
-                                 eps=cfg["pert_norm"], fixed_point_iters=cfg["K"]))
+    return IBAUMethod(IBAUConfig(**loop_settings(cfg), fixed_point_iters=cfg["K"], fixed_point_lr=cfg["fixed_point_lr"],
+                                 pert_lr=cfg["pert_lr"], pert_decay=cfg["pert_decay"], portion=cfg["portion"]))
+
+
+@DEFENSES.register("mcl")
+def _mcl(cfg: Dict[str, Any], targets: torch.Tensor, layer: str, teacher=None) -> Method:
+    return MCLMethod(MCLConfig(**loop_settings(cfg), temperature=cfg["temperature"],
+                               inversion_steps=cfg["mcl_inversion_steps"],
+                               inversion_batch_size=cfg["mcl_inversion_batch_size"]), targets)
 
 
 def build_method(name: str, cfg: Dict[str, Any], targets: torch.Tensor, layer: str,

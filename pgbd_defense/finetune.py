@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, ContextManager, Dict, List, Optional
+from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,8 @@ from .safe_pickle import safe_torch_load
 
 log = logging.getLogger(__name__)
 
-LR_SCHEDULERS = ("constant", "cosine")
+LR_SCHEDULERS = ("constant", "cosine", "multistep")
+SCHEDULER_INTERVALS = ("batch", "epoch")
 OPTIMIZERS = ("sgd", "adam")
 SELECTIONS = ("best", "last")
 
@@ -59,7 +60,14 @@ class LoopConfig:
         freeze_bn: keep the model in eval mode while fine-tuning (BatchNorm statistics frozen).
         augment: BackdoorBench's train augmentation (random crop, flip where the data allows).
         grad_clip: clip the global gradient norm to this value (0: off).
-        lr_scheduler: ``constant`` or ``cosine`` (annealed to 0 over all batches).
+        lr_scheduler: ``constant``, ``cosine`` (torch's CosineAnnealingLR) or ``multistep``
+            (the rate times ``steplr_gamma`` at each of ``steplr_milestones``).
+        scheduler_interval: the schedule steps after every ``batch`` or every ``epoch``.
+        cos_t_max: the cosine's T_max in scheduler steps; 0: the whole run, annealed to 0 at
+            its end. BackdoorBench's ``argparser_opt_scheduler`` uses 100 whatever the run's
+            length (a period of 200 steps: it rises again past 100).
+        steplr_milestones, steplr_gamma: ``multistep``'s steps (in scheduler steps) and factor.
+        amsgrad: Adam's AMSGrad variant (what BackdoorBench's ``adam`` builds).
         seed: data order and augmentation.
     """
 
@@ -73,6 +81,11 @@ class LoopConfig:
     augment: bool = False
     grad_clip: float = 0.0
     lr_scheduler: str = "cosine"
+    scheduler_interval: str = "batch"
+    cos_t_max: int = 0
+    steplr_milestones: Tuple[int, ...] = ()
+    steplr_gamma: float = 0.1
+    amsgrad: bool = False
     seed: int = 0
 
     def problems(self) -> List[str]:
@@ -88,15 +101,29 @@ class LoopConfig:
             found.append(f"lr_scheduler={self.lr_scheduler!r} (choose {', '.join(LR_SCHEDULERS)})")
         if self.optimizer not in OPTIMIZERS:
             found.append(f"optimizer={self.optimizer!r} (choose {', '.join(OPTIMIZERS)})")
+        if self.scheduler_interval not in SCHEDULER_INTERVALS:
+            found.append(f"scheduler_interval={self.scheduler_interval!r} (choose {', '.join(SCHEDULER_INTERVALS)})")
+        if self.cos_t_max < 0:
+            found.append(f"cos_t_max={self.cos_t_max} (must be >= 0; 0: the whole run)")
+        if list(self.steplr_milestones) != sorted(set(self.steplr_milestones)) or \
+                any(m < 1 for m in self.steplr_milestones):
+            found.append(f"steplr_milestones={list(self.steplr_milestones)} (increasing steps >= 1)")
+        if self.lr_scheduler == "multistep" and not self.steplr_milestones:
+            found.append("lr_scheduler='multistep' needs steplr_milestones")
+        if not 0 < self.steplr_gamma <= 1:
+            found.append(f"steplr_gamma={self.steplr_gamma} (must lie in (0, 1])")
         return found
 
     def __post_init__(self):
+        self.steplr_milestones = tuple(int(m) for m in self.steplr_milestones)
         found = self.problems()
         if found:
             raise ValueError(f"invalid {type(self).__name__} settings: " + "; ".join(found))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["steplr_milestones"] = list(d["steplr_milestones"])
+        return d
 
 
 @dataclass
@@ -179,6 +206,12 @@ class Method:
     """One defense's part of the loop. The base class is plain fine-tuning (FT)."""
 
     name = "ft"
+    # Set by the loop before the first epoch (and on resume): the held-out clean data (None
+    # when nothing is held out), for a method's diagnostics only; whether flips augment; the
+    # normalization of the batches ``step`` gets.
+    heldout: Optional[ImageSet] = None
+    hflip: bool = False
+    normalizer: Optional[Normalizer] = None
 
     def __init__(self, cfg: LoopConfig):
         self.cfg = cfg
@@ -186,8 +219,10 @@ class Method:
     def start(self, model, train: ImageSet, normalize: Normalizer, hflip: bool, device: str) -> None:
         """Work before the first epoch (not repeated on resume: its result is in ``state_dict``)."""
 
-    def begin_epoch(self, epoch: int, model, train: ImageSet, normalize: Normalizer, device: str) -> None:
-        """Per-epoch changes (re-estimated prototypes, NT-PGBD's target cycling)."""
+    def begin_epoch(self, epoch: int, model, train: ImageSet, normalize: Normalizer,
+                    device: str) -> Optional[Dict[str, float]]:
+        """Per-epoch changes (re-estimated prototypes, NT-PGBD's target cycling, I-BAU's
+        perturbation); statistics returned go into the epoch's row."""
 
     def hooks(self, model) -> ContextManager:
         """Forward hooks active during an epoch's updates; their store is passed to ``step``."""
@@ -240,8 +275,19 @@ def apply_update(model, opt, loss: torch.Tensor, grad_clip: float) -> None:
 
 def make_optimizer(model, cfg: LoopConfig):
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=cfg.amsgrad)
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(opt, cfg: LoopConfig, n_batches: int):
+    """The learning-rate schedule, or None for a constant rate; it steps per ``cfg.scheduler_interval``."""
+    if cfg.lr_scheduler == "cosine":
+        whole_run = cfg.epochs * (n_batches if cfg.scheduler_interval == "batch" else 1)
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.cos_t_max or whole_run)
+    if cfg.lr_scheduler == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(cfg.steplr_milestones),
+                                                    gamma=cfg.steplr_gamma)
+    return None
 
 
 class PhaseClock:
@@ -305,8 +351,7 @@ def finetune(model: torch.nn.Module, method: Method, train: ImageSet, normalize:
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = make_optimizer(model, cfg)
     n_batches = math.ceil(len(train) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs * n_batches) \
-        if cfg.lr_scheduler == "cosine" else None
+    sched = make_scheduler(opt, cfg, n_batches)
     identity = {"method": method.name, "config": cfg.to_dict(), "selection": asdict(selection),
                 "fingerprint": (fingerprint or []) + _fingerprint(train) + (_fingerprint(val) if val else [])}
     history: List[Dict[str, float]] = []
@@ -314,6 +359,7 @@ def finetune(model: torch.nn.Module, method: Method, train: ImageSet, normalize:
     with clock("selection"):
         val_before = clean_accuracy(model, val, normalize, device) if val is not None else None
     initial_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()} if val is not None else None
+    method.heldout, method.hflip, method.normalizer = val, hflip, normalize
     if resume and checkpoint is not None and Path(checkpoint).is_file():
         saved = safe_torch_load(checkpoint)
         if saved.get("identity") != identity:
@@ -338,9 +384,12 @@ def finetune(model: torch.nn.Module, method: Method, train: ImageSet, normalize:
             method.start(model, train, normalize, hflip, device)
     for epoch in range(first_epoch, cfg.epochs):
         with clock("epoch_updates"):
-            method.begin_epoch(epoch, model, train, normalize, device)
+            begun = method.begin_epoch(epoch, model, train, normalize, device)
         with clock("training"):
             stats = _train_epoch(model, method, train, normalize, opt, sched, gen, epoch, hflip, device)
+            if sched is not None and cfg.scheduler_interval == "epoch":
+                sched.step()
+        stats.update(begun or {})
         if val is not None:
             with clock("selection"):
                 stats["val_acc"] = clean_accuracy(model, val, normalize, device)
@@ -403,7 +452,7 @@ def _train_epoch(model, method: Method, train, normalize, opt, sched, gen, epoch
                 detail = ", ".join(f"{k} {float(v):.4g}" for k, v in out.items() if k != "logits")
                 raise NonFiniteLossError(f"{method.name}: loss is {loss.item()} at epoch {epoch + 1}, batch {b + 1} "
                                          f"({detail}); lower the learning rate")
-            if sched is not None:
+            if sched is not None and cfg.scheduler_interval == "batch":
                 sched.step()
             logits = out.pop("logits")
             correct += int((logits.argmax(1) == y).sum())

@@ -8,7 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pgbd_defense.baselines.ftsam import FTSAMConfig, FTSAMMethod, sam_perturbation
-from pgbd_defense.baselines.ibau import implicit_hypergradient, project_l2
+from pgbd_defense.baselines.ibau import IBAUConfig, fit_perturbation, implicit_hypergradient, inner_loss, perturbed_count
+from pgbd_defense.baselines.ibau import flip_rate as ibau_flip_rate
+from pgbd_defense.batches import Normalizer
+from pgbd_defense.data import ImageSet
 from pgbd_defense.baselines.nad import attention_loss, attention_map
 from pgbd_defense.run import main
 
@@ -62,15 +65,15 @@ def test_sam_step_applies_the_gradient_taken_at_the_perturbed_weights():
 
 
 def test_implicit_hypergradient_matches_the_closed_form_total_derivative():
-    """inner G = -1/2 ||delta - A theta||^2 has delta* = A theta; for outer L(theta, delta)
-    the total derivative is dL/dtheta + A^T dL/ddelta."""
+    """inner G = 1/2 ||delta - A theta||^2 (minimized) has delta* = A theta; for outer
+    L(theta, delta) the total derivative is dL/dtheta + A^T dL/ddelta."""
     torch.manual_seed(0)
     A = torch.randn(3, 2, dtype=torch.float64)
     b = torch.randn(3, dtype=torch.float64)
     theta = torch.randn(2, dtype=torch.float64, requires_grad=True)
 
     def inner(d):
-        return -0.5 * (d - A @ theta).pow(2).sum()
+        return 0.5 * (d - A @ theta).pow(2).sum()
 
     def outer(d):
         return (d * b).sum() + (d ** 2).sum() + theta.pow(3).sum()
@@ -83,10 +86,77 @@ def test_implicit_hypergradient_matches_the_closed_form_total_derivative():
     assert not torch.allclose(no_implicit, total, atol=1e-3)  # the implicit term is what makes it right
 
 
-def test_l2_projection():
-    d = torch.tensor([3.0, 4.0])
-    assert torch.allclose(project_l2(d, 1.0), torch.tensor([0.6, 0.8]))
-    assert torch.equal(project_l2(d, 10.0), d)
+def test_implicit_hypergradient_takes_k_neumann_terms():
+    """With explicit Jacobians: J = dPsi/ddelta, M = dPsi/dtheta, g = dL/ddelta; K terms give
+    dL/dtheta + M^T sum_{k<K} (J^T)^k g (the sources' fixed_point starts v at zero)."""
+    torch.manual_seed(1)
+    C = torch.randn(3, 3, dtype=torch.float64)
+    H = C @ C.T / 3 + torch.eye(3, dtype=torch.float64)  # inner Hessian
+    B = torch.randn(3, 2, dtype=torch.float64)
+    theta = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    delta = torch.randn(3, dtype=torch.float64)
+    w = torch.randn(3, dtype=torch.float64)
+
+    def inner(d):
+        return 0.5 * d @ H @ d - d @ (B @ theta) + 0.1 * (d ** 4).sum()
+
+    def outer(d):
+        return torch.tanh(d) @ w + (theta ** 2).sum() * d.sum()
+
+    eta = 0.2
+    d = delta.clone().requires_grad_(True)
+
+    def inner_at(x, th):
+        return 0.5 * x @ H @ x - x @ (B @ th) + 0.1 * (x ** 4).sum()
+
+    def psi(x, th):  # the fixed-point map delta - eta grad_delta G
+        return x - eta * torch.autograd.functional.jacobian(lambda z: inner_at(z, th), x, create_graph=True)
+
+    J = torch.autograd.functional.jacobian(lambda x: psi(x, theta.detach()), delta)
+    M = torch.autograd.functional.jacobian(lambda th: psi(delta, th), theta.detach())
+    g = torch.autograd.grad(outer(d), d)[0]
+    direct = torch.autograd.grad(outer(delta), theta)[0]
+    for K in (0, 1, 3):
+        v = sum((torch.linalg.matrix_power(J.T, k) @ g for k in range(K)), torch.zeros(3, dtype=torch.float64))
+        (got,) = implicit_hypergradient([theta], delta, inner, outer, eta=eta, iters=K)
+        assert torch.allclose(got, direct + M.T @ v, atol=1e-10), K
+
+
+def test_perturbed_count_is_the_sources_share_but_never_none():
+    assert perturbed_count(256, 0.01) == 2  # BackdoorBench's batch
+    assert perturbed_count(100, 0.01) == 1  # the release's batch
+    assert perturbed_count(64, 0.01) == 1  # the sources would perturb int(0.64) = 0
+    assert perturbed_count(16, 0.5) == 8 and perturbed_count(3, 1.0) == 3
+
+
+def test_ibau_inner_loss_is_negative_cross_entropy_plus_norm_penalty():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    x, y = torch.randn(5, 3, 2, 2), torch.tensor([0, 1, 2, 0, 1])
+    delta = torch.randn(1, 3, 2, 2)
+    logits = model(x + delta)
+    by_hand = -(-logits.log_softmax(1)[torch.arange(5), y]).mean() + 0.001 * (delta ** 2).sum()
+    assert inner_loss(model, x, y, delta, 0.001).item() == pytest.approx(by_hand.item(), rel=1e-6)
+
+
+def test_ibau_perturbation_becomes_a_trigger_on_a_backdoored_model():
+    """A linear model whose class 0 fires on one input direction: the fitted delta (one SGD
+    step per batch against the model's own predictions) finds that direction and flips
+    every image."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    with torch.no_grad():
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([0.0, 1.0]))
+        model[1].weight[0, 5] = 3.0  # the "trigger" pixel pushes every input to class 0
+    images = torch.randint(0, 60, (64, 1, 4, 4), dtype=torch.uint8)
+    data = ImageSet(images, torch.ones(64, dtype=torch.long))
+    norm = Normalizer([0.0], [1.0], 1)
+    cfg = IBAUConfig(batch_size=16, pert_lr=10.0)
+    delta = fit_perturbation(model, data, norm, cfg, torch.Generator().manual_seed(0), False, "cpu")
+    assert delta.flatten().abs().argmax().item() == 5
+    assert ibau_flip_rate(model, data, delta, norm, "cpu") == 1.0
+    assert model[1].weight[0, 5].item() == 3.0  # fitting delta leaves the model alone
 
 
 @pytest.mark.parametrize("defense,tables", [("ft", ["ft_df.csv"]), ("nad", ["nad_df.csv", "nad_te_df.csv"]),

@@ -19,7 +19,7 @@ from typing import Dict, Iterator, List, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..finetune import LoopConfig, Method, apply_update, finetune
+from ..finetune import LR_SCHEDULERS, LoopConfig, Method, apply_update, finetune
 from ..prototypes import find_layer
 
 
@@ -29,15 +29,20 @@ class NADConfig(LoopConfig):
 
     Attributes:
         te_epochs: epochs of plain fine-tuning that make the teacher (same optimizer settings).
+        te_lr_scheduler: the teacher's schedule ('': the student's). BackdoorBench's teacher
+            has a per-epoch cosine of T_max 100 while its student's rate is constant.
         betas: weight of the attention loss per stage in ``layers``.
         p: power of the attention map.
-        layers: named modules whose outputs are distilled (default: preactresnet18's layer2..4).
+        layers: named modules whose outputs are distilled. BackdoorBench's (``nad.py``, the
+            last three children of PreAct-ResNet18 cut off): layer3, layer4 and avgpool, whose
+            1x1 map normalizes to 1 for teacher and student alike (a zero term, kept for fidelity).
     """
 
     te_epochs: int = 10
+    te_lr_scheduler: str = ""
     betas: Sequence[float] = (500.0, 1000.0, 1000.0)
     p: float = 2.0
-    layers: Sequence[str] = ("layer2", "layer3", "layer4")
+    layers: Sequence[str] = ("layer3", "layer4", "avgpool")
 
     def problems(self) -> List[str]:
         found = super().problems()
@@ -47,6 +52,9 @@ class NADConfig(LoopConfig):
             found.append(f"betas {list(self.betas)} and layers {list(self.layers)} must have the same length")
         if self.p <= 0:
             found.append(f"p={self.p} (must be > 0)")
+        if self.te_lr_scheduler and self.te_lr_scheduler not in LR_SCHEDULERS:
+            found.append(f"te_lr_scheduler={self.te_lr_scheduler!r} (choose {', '.join(LR_SCHEDULERS)}, "
+                         "or '' for the student's)")
         return found
 
     def to_dict(self) -> dict:
@@ -90,6 +98,7 @@ class NADMethod(Method):
         teacher = copy.deepcopy(model)
         teacher_cfg = LoopConfig(**{k: getattr(self.cfg, k) for k in LoopConfig.__dataclass_fields__})
         teacher_cfg.epochs = self.cfg.te_epochs
+        teacher_cfg.lr_scheduler = self.cfg.te_lr_scheduler or self.cfg.lr_scheduler
         tuned = Method(teacher_cfg)
         tuned.name = "nad teacher"
         self.teacher_history = finetune(teacher, tuned, train, normalize, hflip=hflip, device=device).history

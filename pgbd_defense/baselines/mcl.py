@@ -1,0 +1,159 @@
+"""MCL: Model-Contrastive Learning for backdoor elimination (Yue et al., ACM MM 2023).
+
+Stage 1 inverts a trigger for the known target class. The current release
+(Zhihao151/MCL, ``inversion_torch.py``) uses a PixelBackdoor-style search (Tao et
+al.); its first version (WeCanShow/MCL 7129d00, ``main.py``) used a Neural Cleanse
+mask and pattern, x' = (1 - m) x + m p, which is what ``inversion.invert_trigger``
+implements, so that is what this stage runs (docs/baselines.md lists what differs).
+
+Stage 2 fine-tunes the model on the clean subset with every image stamped and no label
+loss: with z the penultimate features (the input of the last linear layer) of the model
+being trained on the stamped input, and z+ / z- the frozen backdoored copy's features of
+the clean / stamped input,
+
+    L = mean softplus((cos(z, z-) - cos(z, z+)) / tau),   tau = 0.5,
+
+the release's cross-entropy over the two cosine similarities with the positive first.
+It pulls the stamped input's features towards those of its clean version and away from
+the backdoored ones. The loss never reaches the linear head (its gradient stays unset,
+so neither the step nor weight decay moves it): only the feature extractor changes, BatchNorm
+in train mode, as in the release. Its schedule (20 epochs, batch 64, lr 0.1 / 0.01 / 0.001 from
+epochs 0 / 1 / 10) is the ``bench`` preset's (config.BENCH_DEFENSES).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..data import ImageSet
+from ..finetune import LoopConfig, Method, apply_update
+from ..inversion import InversionConfig, Trigger, invert_trigger, save_trigger_png
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class MCLConfig(LoopConfig):
+    """Loop settings plus MCL's: ``temperature`` tau (0.5) and the trigger search's budget."""
+
+    temperature: float = 0.5
+    inversion_steps: int = 300
+    inversion_batch_size: int = 32
+
+    def problems(self) -> List[str]:
+        found = super().problems()
+        if self.temperature <= 0:
+            found.append(f"temperature={self.temperature} (must be > 0)")
+        for name in ("inversion_steps", "inversion_batch_size"):
+            if getattr(self, name) < 1:
+                found.append(f"mcl_{name}={getattr(self, name)} (must be >= 1)")
+        return found
+
+
+def contrastive_loss(z: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor,
+                     temperature: float) -> torch.Tensor:
+    """mean over the batch of softplus((cos(z, z-) - cos(z, z+)) / tau)."""
+    pos = F.cosine_similarity(z, positive, dim=-1)
+    neg = F.cosine_similarity(z, negative, dim=-1)
+    return F.softplus((neg - pos) / temperature).mean()
+
+
+def head_of(model: torch.nn.Module) -> torch.nn.Linear:
+    """The model's last linear layer (its classifier head)."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not linears:
+        raise ValueError(f"{type(model).__name__} has no linear layer whose input MCL could take as features")
+    return linears[-1]
+
+
+@contextmanager
+def penultimate(model: torch.nn.Module) -> Iterator[dict]:
+    """Captures the input of the model's head, flattened, as ``store['z']`` on every forward."""
+    store: dict = {}
+    handle = head_of(model).register_forward_pre_hook(lambda mod, args: store.__setitem__("z", args[0].flatten(1)))
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def known_target(targets: torch.Tensor) -> int:
+    known = sorted({int(t) for t in targets.tolist() if t >= 0})
+    if len(known) != 1:
+        raise ValueError("MCL inverts the trigger of one target class; the targets are "
+                         f"{known or 'unknown'} (give --target N or --target auto; MCL has no all-to-all form)")
+    return known[0]
+
+
+class MCLMethod(Method):
+    name = "mcl"
+
+    def __init__(self, cfg: MCLConfig, targets: torch.Tensor):
+        super().__init__(cfg)
+        self.target = known_target(targets)
+        self.trigger: Optional[Trigger] = None
+        self.frozen: Optional[torch.nn.Module] = None
+
+    def start(self, model, train: ImageSet, normalize, hflip, device):
+        head_of(model)  # fail before the search when there is no head
+        inv = InversionConfig(steps=self.cfg.inversion_steps, batch_size=self.cfg.inversion_batch_size,
+                              seed=self.cfg.seed)
+        self.trigger = invert_trigger(model, train, self.target, normalize, inv, device)
+        log.info("MCL: trigger for class %d, mask L1 %.2f, flips %.1f%% of the clean subset", self.target,
+                 self.trigger.norm, 100 * self.trigger.flip_rate)
+        self._freeze(model, device)
+
+    def _freeze(self, model, device) -> None:
+        self.frozen = copy.deepcopy(model).to(device).eval()
+        for q in self.frozen.parameters():
+            q.requires_grad_(False)
+
+    def hooks(self, model):
+        return penultimate(model)
+
+    def stamp(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized clean inputs -> normalized inputs carrying the trigger (stamped in float)."""
+        mean, std = self.normalizer.mean.to(x.device), self.normalizer.std.to(x.device)
+        x01 = x * std + mean
+        mask, pattern = self.trigger.mask.to(x.device), self.trigger.pattern.to(x.device)
+        return ((1 - mask) * x01 + mask * pattern - mean) / std
+
+    def step(self, model, x, y, store, opt, epoch):
+        stamped = self.stamp(x)
+        logits = model(stamped)
+        z = store["z"]
+        with torch.no_grad(), penultimate(self.frozen) as fixed:
+            self.frozen(x)
+            positive = fixed["z"]
+            self.frozen(stamped)
+            negative = fixed["z"]
+        loss = contrastive_loss(z, positive, negative, self.cfg.temperature)
+        if torch.isfinite(loss):
+            apply_update(model, opt, loss, self.cfg.grad_clip)
+        # train_acc of this defense is the accuracy on stamped inputs (true labels): 1 - a training ASR.
+        return {"loss": loss.detach(), "logits": logits.detach()}
+
+    def state_dict(self) -> dict:
+        t = self.trigger
+        return {"frozen": {k: v.cpu() for k, v in self.frozen.state_dict().items()},
+                "trigger": {"target": t.target, "mask": t.mask.cpu(), "pattern": t.pattern.cpu(), "norm": t.norm,
+                            "flip_rate": t.flip_rate}}
+
+    def load_state_dict(self, state: dict, model, device: str) -> None:
+        self._freeze(model, device)
+        self.frozen.load_state_dict(state["frozen"])
+        self.trigger = Trigger(**state["trigger"])
+
+    def write_artifacts(self, out) -> dict:
+        if self.trigger is None:
+            return {}
+        save_trigger_png(self.trigger, out / "mcl_trigger.png")
+        return {"mcl_trigger": {"target": self.trigger.target, "mask_l1": self.trigger.norm,
+                                "flip_rate": self.trigger.flip_rate}}
