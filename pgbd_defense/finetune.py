@@ -251,6 +251,17 @@ class Method:
 
 
 @contextlib.contextmanager
+def eval_mode(model: torch.nn.Module):
+    """The model in eval mode inside the block, in its former mode after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
 def bn_stats_frozen(model: torch.nn.Module):
     """Extra forward passes (SAM's second pass, I-BAU's inner steps) use batch statistics
     in train mode but must not move BatchNorm's running statistics."""

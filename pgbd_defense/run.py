@@ -1,5 +1,5 @@
 """One command: make (or reuse) a backdoored model's record, defend it with PGBD (or a
-baseline: ``--defense ft|nad|i-bau|ft-sam|nt-pgbd``), and write the defense folder
+baseline: ``--defense ft|nad|i-bau|ft-sam|mcl|nt-pgbd``), and write the defense folder
 BackdoorBench-style.
 
     python -m pgbd_defense.run --attack badnet --dataset fashion-mnist
@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("side by side")
     g.add_argument("--compare", type=lambda v: [d for d in v.split(",") if d],
                    help="after PGBD, run these defenses on the same record and clean subset and write one table "
-                        "(ft,nad,i-bau,ft-sam,nt-pgbd); inside a checkout, the benchmark's own scripts")
+                        "(ft,nad,i-bau,ft-sam,mcl,nt-pgbd); inside a checkout, the benchmark's own scripts")
     g.add_argument("--bench-root", help="a BackdoorBench checkout to run in (default: the working directory if it "
                    "is one)")
     g.add_argument("--attack-args", default="", help="extra flags for the benchmark's attack script (one string)")

@@ -58,7 +58,7 @@ PRESETS: Dict[str, TablePreset] = {
     # On a 2-core CPU within the CI budget: Fashion-MNIST, a PreAct-ResNet18 of width 0.125.
     "ci": TablePreset(
         datasets=["fashion-mnist"], attacks=["badnet", "blended", "sig", "wanet"],
-        defenses=["ft", "nad", "i-bau", "ft-sam", "pgbd", "nt-pgbd"],
+        defenses=["ft", "nad", "i-bau", "ft-sam", "mcl", "pgbd", "nt-pgbd"],
         attack=AttackSettings(width=0.125, epochs=3, lr=0.02, augment=False, train_subset=20000),
         per_attack={"wanet": {"train_subset": 30000}},
         run_preset="cpu", gate_seeds=3,
@@ -68,7 +68,7 @@ PRESETS: Dict[str, TablePreset] = {
     # ~30-60 min (CIFAR-10), PGBD 35 epochs ~25 min, baselines 10-60 min each.
     "paper": TablePreset(
         datasets=["cifar10", "cifar100"], attacks=["badnet", "blended", "sig", "wanet", "trojan"],
-        defenses=["ft", "nad", "i-bau", "ft-sam", "pgbd", "nt-pgbd"],
+        defenses=["ft", "nad", "i-bau", "ft-sam", "mcl", "pgbd", "nt-pgbd"],
         attack=AttackSettings(width=1.0, epochs=100, lr=0.01, augment=True, pratio=0.01),
         per_dataset={"cifar100": {"pratio": 0.1}},
         run_preset="paper", defense_args=["--eval-every", "5"],

@@ -2,6 +2,7 @@
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
@@ -161,6 +162,7 @@ def test_ibau_perturbation_becomes_a_trigger_on_a_backdoored_model():
 
 @pytest.mark.parametrize("defense,tables", [("ft", ["ft_df.csv"]), ("nad", ["nad_df.csv", "nad_te_df.csv"]),
                                             ("ft-sam", ["ft-sam_df.csv"]), ("i-bau", ["i-bau_df.csv"]),
+                                            ("mcl", ["mcl_df.csv", "mcl_trigger.png"]),
                                             ("nt-pgbd", ["nt-pgbd_df.csv"])])
 def test_each_defense_runs_from_the_command_line(tmp_path, tiny_data, defense, tables):
     folder, *_ = _write(tmp_path, tiny_data, save_png=False)
@@ -172,3 +174,6 @@ def test_each_defense_runs_from_the_command_line(tmp_path, tiny_data, defense, t
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["defense"] == defense and 0 <= summary["ca"] <= 1
+    if defense == "i-bau":  # per round: delta's norm and its flip rate on the held-out clean share
+        rounds = pd.read_csv(out / "i-bau_df.csv")
+        assert (rounds["pert_norm"] > 0).all() and rounds["pert_flip_rate_heldout"].between(0, 1).all()

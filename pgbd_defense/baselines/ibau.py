@@ -37,7 +37,7 @@ measurement).
 
 from __future__ import annotations
 
-import contextlib
+import logging
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -46,7 +46,9 @@ import torch.nn.functional as F
 
 from ..batches import EVAL_BATCH_SIZE, Normalizer, iterate
 from ..data import ImageSet
-from ..finetune import LoopConfig, Method
+from ..finetune import LoopConfig, Method, eval_mode
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,16 +98,6 @@ def perturbed_count(batch: int, portion: float) -> int:
 def inner_loss(model, x: torch.Tensor, labels: torch.Tensor, delta: torch.Tensor, decay: float) -> torch.Tensor:
     """G(delta) = -CE(f(x + delta), labels) + decay ||delta||^2, minimized over delta."""
     return -F.cross_entropy(model(x + delta), labels) + decay * delta.pow(2).sum()
-
-
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def fit_perturbation(model, train: ImageSet, normalize: Normalizer, cfg: IBAUConfig, generator: torch.Generator,
@@ -177,8 +169,12 @@ class IBAUMethod(Method):
         x0, y0, _ = next(iterate(train.images[first], train.labels[first], len(first), normalize, device=device))
         self.anchor = (x0, y0)
         probe, where = (self.heldout, "heldout") if self.heldout is not None else (train, "train")
-        return {"pert_norm": float(self.delta.norm()),
-                f"pert_flip_rate_{where}": flip_rate(model, probe, self.delta, normalize, device)}
+        stats = {"pert_norm": float(self.delta.norm()),
+                 f"pert_flip_rate_{where}": flip_rate(model, probe, self.delta, normalize, device)}
+        log.info("i-bau round %d: ||delta|| %.2f, flips %.1f%% of the %s clean images", epoch + 1,
+                 stats["pert_norm"], 100 * stats[f"pert_flip_rate_{where}"], "held-out" if where == "heldout" else
+                 "training")
+        return stats
 
     def step(self, model, x, y, store, opt, epoch):
         cfg = self.cfg
