@@ -14,8 +14,8 @@ data with one universal perturbation delta added. Each round (an epoch of the lo
 2. **Unlearn** (``IBAUMethod.step``): per batch, the outer loss is the cross-entropy
    with delta added to a random ``portion`` of the batch (true labels); the model
    takes its implicit hypergradient through the fixed point delta = Psi(delta, theta),
-   Psi = delta - ``fixed_point_lr`` * grad_delta G, G the inner loss on the round's
-   first batch with true labels (as both sources do):
+   Psi = delta - ``fixed_point_lr`` * grad_delta G, G the inner loss on one fixed batch
+   of the subset with true labels (both sources use their first batch, in every round):
 
        dL/dtheta = d_theta L + (d_theta Psi)^T v,  v = sum_{k<K} (d_delta Psi^T)^k d_delta L,
 
@@ -158,7 +158,7 @@ class IBAUMethod(Method):
     def __init__(self, cfg: IBAUConfig):
         super().__init__(cfg)
         self.delta: Optional[torch.Tensor] = None
-        self.anchor: Optional[tuple] = None  # the round's first batch: the inner map's data
+        self.anchor: Optional[tuple] = None  # the inner map's data: one fixed batch of the subset
         self.generator = torch.Generator().manual_seed(cfg.seed + 104729)
 
     def begin_epoch(self, epoch, model, train, normalize, device) -> Dict[str, float]:

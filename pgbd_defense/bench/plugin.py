@@ -64,7 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", type=str, help="file of clean-subset indices")
     parser.add_argument("--amp", type=str, help="accepted for compatibility (full precision is used)")
     g = parser.add_argument_group("PGBD")
-    g.add_argument("--preset", default="paper", help="defaults under the YAML (paper or cpu; default paper)")
+    g.add_argument("--preset", default="paper", help="defaults under the YAML (paper, bench or cpu; default paper)")
     g.add_argument("--variant", choices=["pgbd", "nt", "st", "nt-pgbd", "st-pgbd"], default=None,
                    help="pgbd (target known), nt (NT-PGBD, no target) or st (ST-PGBD, synthesized trigger)")
     g.add_argument("--lambda", dest="lambda", type=float)
