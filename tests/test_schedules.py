@@ -122,3 +122,14 @@ def test_benchmark_yaml_keys_reach_the_schedule():
                         "cos_t_max": 100}, {}, defense="ft")
     m = build_method("ft", cfg, torch.tensor([-1, 0]), "layer4.1.conv2").cfg
     assert (m.lr_scheduler, m.steplr_milestones, m.steplr_gamma, m.cos_t_max) == ("multistep", (2, 4), 0.5, 100)
+
+
+def test_every_preset_builds_every_registered_defense():
+    from pgbd_defense.config import PRESETS
+    from pgbd_defense.defenses import DEFENSES
+
+    for preset in PRESETS:
+        for defense in DEFENSES.names():
+            cfg = merge(preset, {}, {}, defense=defense)
+            method = build_method(defense, cfg, torch.tensor([-1, 0]), "layer4.1.conv2")
+            assert method.name == defense and method.cfg.epochs >= 1, (preset, defense)
