@@ -82,7 +82,7 @@ def _ibau(cfg: Dict[str, Any], targets: torch.Tensor, layer: str, teacher=None) 
 
 @DEFENSES.register("mcl")
 def _mcl(cfg: Dict[str, Any], targets: torch.Tensor, layer: str, teacher=None) -> Method:
-    return MCLMethod(MCLConfig(**loop_settings(cfg), temperature=cfg["temperature"],
+    return MCLMethod(MCLConfig(**loop_settings(cfg), temperature=cfg["temperature"], rectify=cfg["mcl_rectify"],
                                inversion_steps=cfg["mcl_inversion_steps"],
                                inversion_batch_size=cfg["mcl_inversion_batch_size"]), targets)
 

@@ -27,6 +27,14 @@ def test_contrastive_loss_is_softplus_of_the_cosine_gap_over_tau():
     assert contrastive_loss(z, pos, neg, tau).item() == pytest.approx(release.item(), rel=1e-6)
 
 
+def test_rectified_loss_is_the_loss_on_relu_features():
+    torch.manual_seed(0)
+    z, pos, neg = torch.randn(4, 6), torch.randn(4, 6), torch.randn(4, 6)
+    relu = nn.functional.relu
+    assert contrastive_loss(z, pos, neg, 0.5, rectify=True).item() == \
+        pytest.approx(contrastive_loss(relu(z), relu(pos), relu(neg), 0.5).item(), rel=1e-6)
+
+
 def test_penultimate_features_are_the_heads_input():
     torch.manual_seed(0)
     model = build_model("preactresnet18", 10, in_channels=1, width=0.125).eval()
