@@ -9,7 +9,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pgbd_defense.baselines.ftsam import FTSAMConfig, FTSAMMethod, sam_perturbation
-from pgbd_defense.baselines.ibau import IBAUConfig, fit_perturbation, implicit_hypergradient, inner_loss, perturbed_count
+from pgbd_defense.baselines.ibau import (IBAUConfig, fit_perturbation, implicit_hypergradient, inner_loss,
+                                         perturbed_count)
 from pgbd_defense.baselines.ibau import flip_rate as ibau_flip_rate
 from pgbd_defense.batches import Normalizer
 from pgbd_defense.data import ImageSet

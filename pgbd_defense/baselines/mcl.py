@@ -15,7 +15,10 @@ the clean / stamped input,
 
 the release's cross-entropy over the two cosine similarities with the positive first.
 It pulls the stamped input's features towards those of its clean version and away from
-the backdoored ones.
+the backdoored ones. The loss never reaches the linear head (its gradient stays unset, so
+neither the step nor weight decay moves it): only the feature extractor changes, BatchNorm
+in train mode, as in the release. Its schedule (20 epochs, batch 64, lr 0.1 / 0.01 / 0.001
+from epochs 0 / 1 / 10) is the ``bench`` preset's (config.BENCH_DEFENSES).
 
 **Rectified features (ours, ``rectify``, on by default).** The release's models (WRN,
 ResNet-18) feed their head post-ReLU, non-negative features, so cos(z, z-) >= 0 and the
@@ -24,10 +27,7 @@ signed: the loss then also falls by turning every z towards z+ - z-, one directi
 inputs, which sends every image to one class. Measured on the ci BadNets record (release
 schedule): clean accuracy 54% after one epoch with BatchNorm in train mode, 10% (chance) with
 it frozen, ASR 0 in both; on relu(features) the release's geometry is restored (72%, ASR 0;
-the ``cpu`` preset: 75%). ``rectify: false`` gives the release's loss on the raw features. The loss never reaches the linear head (its gradient stays unset,
-so neither the step nor weight decay moves it): only the feature extractor changes, BatchNorm
-in train mode, as in the release. Its schedule (20 epochs, batch 64, lr 0.1 / 0.01 / 0.001 from
-epochs 0 / 1 / 10) is the ``bench`` preset's (config.BENCH_DEFENSES).
+the ``cpu`` preset: 75%). ``rectify: false`` gives the release's loss on the raw features.
 """
 
 from __future__ import annotations
