@@ -193,12 +193,10 @@ def split_validation(clean: ImageSet, share: float, seed: int):
 @torch.inference_mode()
 def clean_accuracy(model: torch.nn.Module, data: ImageSet, normalize: Normalizer, device: str = "cpu",
                    batch_size: int = EVAL_BATCH_SIZE) -> float:
-    was_training = model.training
-    model.eval()
     correct = 0
-    for x, y, _ in iterate(data.images, data.labels, batch_size, normalize, device=device):
-        correct += int((model(x).argmax(1) == y).sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y, _ in iterate(data.images, data.labels, batch_size, normalize, device=device):
+            correct += int((model(x).argmax(1) == y).sum())
     return correct / max(len(data), 1)
 
 

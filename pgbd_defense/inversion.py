@@ -89,7 +89,9 @@ class Trigger:
         return (out * 255.0).round().clamp(0, 255).to(torch.uint8)
 
 
-def _stamp(x01: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor, normalize: Normalizer) -> torch.Tensor:
+def stamp_normalized(x01: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor,
+                     normalize: Normalizer) -> torch.Tensor:
+    """[0, 1] images blended with (mask, pattern), then normalized (differentiable; not rounded)."""
     out = (1 - mask) * x01 + mask * pattern
     return (out - normalize.mean.to(out.device)) / normalize.std.to(out.device)
 
@@ -127,7 +129,7 @@ def invert_trigger(model: torch.nn.Module, clean: ImageSet, target: int, normali
             idx = torch.randint(0, len(pool), (min(cfg.batch_size, len(pool)),), generator=gen)
             x01 = pool[idx].to(device).float() / 255.0
             mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
-            logits = model(_stamp(x01, mask, pattern, normalize))
+            logits = model(stamp_normalized(x01, mask, pattern, normalize))
             y = torch.full((len(x01),), target, device=device)
             loss = F.cross_entropy(logits, y) + cost * mask.sum()
             opt.zero_grad()
@@ -143,7 +145,7 @@ def invert_trigger(model: torch.nn.Module, clean: ImageSet, target: int, normali
             if step % cfg.patience == 0 or step == cfg.steps:
                 with torch.no_grad():
                     mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
-                    last_flip = float((model(_stamp(check, mask, pattern, normalize)).argmax(1) == target)
+                    last_flip = float((model(stamp_normalized(check, mask, pattern, normalize)).argmax(1) == target)
                                       .float().mean())
                 norm = float(mask.sum())
                 if last_flip >= cfg.success and (best is None or norm < best.norm):

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from ..data import ImageSet
 from ..finetune import LoopConfig, Method, apply_update
-from ..inversion import InversionConfig, Trigger, invert_trigger, save_trigger_png
+from ..inversion import InversionConfig, Trigger, invert_trigger, save_trigger_png, stamp_normalized
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,9 @@ class MCLMethod(Method):
 
     def stamp(self, x: torch.Tensor) -> torch.Tensor:
         """Normalized clean inputs -> normalized inputs carrying the trigger (stamped in float)."""
-        mean, std = self.normalizer.mean.to(x.device), self.normalizer.std.to(x.device)
-        x01 = x * std + mean
-        mask, pattern = self.trigger.mask.to(x.device), self.trigger.pattern.to(x.device)
-        return ((1 - mask) * x01 + mask * pattern - mean) / std
+        x01 = x * self.normalizer.std.to(x.device) + self.normalizer.mean.to(x.device)
+        return stamp_normalized(x01, self.trigger.mask.to(x.device), self.trigger.pattern.to(x.device),
+                                self.normalizer)
 
     def step(self, model, x, y, store, opt, epoch):
         stamped = self.stamp(x)
