@@ -34,31 +34,28 @@ per-sample reference / PGBD epoch >= 3.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import json
 import tempfile
 import time
 import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
 
-from pgbd_defense import data as data_mod
-from pgbd_defense.batches import EVAL_BATCH_SIZE, Normalizer, iterate
-from pgbd_defense.config import merge
-from pgbd_defense.data import ImageSet
-from pgbd_defense.loss import per_sample_reference_loss
-from pgbd_defense.make_record import AttackSettings, build_attack_record, record_name
-from pgbd_defense.models import build_model
-from pgbd_defense.pgbd import PGBDConfig, compute_state, pgbd_finetune
-from pgbd_defense.progress import quiet
-from pgbd_defense.records import BackdoorSet, load_attack_record
-from pgbd_defense.run import defend_record, poisoned_evaluation
+from pgbd_defense import datasets as data_mod
+from pgbd_defense.attacks.record import AttackSettings, build_attack_record, record_name
+from pgbd_defense.datasets import ImageSet
+from pgbd_defense.datasets.batches import EVAL_BATCH_SIZE, Normalizer, iterate
+from pgbd_defense.defenses.pgbd import PGBDConfig, pgbd_finetune
+from pgbd_defense.formats.models import build_model
+from pgbd_defense.formats.records import BackdoorSet, load_attack_record
+from pgbd_defense.method.loss import per_sample_reference_loss
+from pgbd_defense.method.pav_sources import PAVSource, PrototypeConfig
+from pgbd_defense.pipeline import defend, poisoned_evaluation
+from pgbd_defense.settings import resolve
+from pgbd_defense.util.progress import quiet
 
 
 @dataclass
@@ -236,16 +233,10 @@ def whole_defense(plan: WidthPlan, repeats: int, work: Path) -> Dict[str, dict]:
     for _ in range(repeats):
         for defense in ("ft", "pgbd"):
             record = load_trimmed(folder, plan.test_samples)
-            cfg = merge("cpu", {}, {"ratio": ratio, "epochs": plan.epochs}, defense=defense)
-            args = SimpleNamespace(defense=defense, defense_name=f"{defense}_cost", device="cpu", overwrite=True,
-                                   resume=False, preset="cpu")
+            settings = resolve("cpu", defense, overrides={"ratio": ratio, "epochs": plan.epochs})
             start = time.perf_counter()
-            with contextlib.redirect_stdout(io.StringIO()):
-                code = defend_record(args, cfg, record, folder)
+            summary = defend(settings, record, folder, name=f"{defense}_cost", overwrite=True).summary
             wall = time.perf_counter() - start
-            if code != 0:
-                raise RuntimeError(f"{defense} failed on {folder} (exit {code})")
-            summary = json.loads((folder / "defense" / args.defense_name / "summary.json").read_text())
             if defense not in best or wall < best[defense]["wall"]:
                 best[defense] = {"wall": wall, "summary": summary}
     return best
@@ -282,15 +273,13 @@ def epoch_costs(scale: Scale):
     targets = torch.zeros(10, dtype=torch.int64)
     common = dict(epochs=1, batch_size=16, lr=1e-4, augment=True, seed=0)
     ft_cfg, pgbd_cfg = PGBDConfig(lam=0.0, **common), PGBDConfig(lam=10.0, **common)
-    state = compute_state(model, "layer4.1.conv2", clean, targets, normalize, pgbd_cfg)
-    import pgbd_defense.pgbd as pgbd_module
-
-    real_compute_state = pgbd_module.compute_state
-    pgbd_module.compute_state = lambda *a, **k: state  # prototypes once per defense, not per epoch
+    state = PAVSource("layer4.1.conv2", PrototypeConfig(seed=0)).estimate(model, clean, targets, normalize, "cpu")
+    real_estimate = PAVSource.estimate
+    PAVSource.estimate = lambda *a, **k: state  # prototypes once per defense, not per epoch
     try:
         ft_s, pgbd_s = time_epochs(model, clean, targets, normalize, [ft_cfg, pgbd_cfg], scale.epoch_repeats)
     finally:
-        pgbd_module.compute_state = real_compute_state
+        PAVSource.estimate = real_estimate
     n_batches = -(-len(clean) // 16)
     gen = torch.Generator().manual_seed(0)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)

@@ -22,8 +22,8 @@ import time
 
 CHILD = r"""
 import json, resource, sys, time, torch
-from pgbd_defense.batches import Normalizer
-from pgbd_defense.prototypes import collect_activations, estimate_prototypes, stream_prototypes
+from pgbd_defense.datasets.batches import Normalizer
+from pgbd_defense.method.prototypes import collect_activations, estimate_prototypes, stream_prototypes
 n, channels, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Conv2d(3, channels, 3, padding=1)).eval()

@@ -14,8 +14,9 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from .batches import EVAL_BATCH_SIZE, Normalizer, iterate
-from .progress import progress
+from .datasets.batches import EVAL_BATCH_SIZE, Normalizer, iterate
+from .util.hooks import eval_mode
+from .util.progress import progress
 
 
 @dataclass(frozen=True)
@@ -48,16 +49,14 @@ def dem(ca_poisoned: float, asr_poisoned: float, ca_defended: float, asr_defende
 def predict(model: torch.nn.Module, images: torch.Tensor, normalize: Normalizer, batch_size: int = EVAL_BATCH_SIZE,
             device: str = "cpu", labels: Optional[torch.Tensor] = None, desc: Optional[str] = None):
     """Predictions (and the mean cross-entropy against ``labels`` if given), in eval mode."""
-    was_training = model.training
-    model.eval()
     preds, losses = [], []
     dummy = labels if labels is not None else torch.zeros(len(images), dtype=torch.int64)
     batches = iterate(images, dummy, batch_size, normalize, device=device)
-    for x, y, _ in progress(batches, total=-(-len(images) // batch_size), desc=desc, leave=False):
-        logits = model(x)
-        losses.append(F.cross_entropy(logits, y, reduction="none").cpu())
-        preds.append(logits.argmax(1).cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y, _ in progress(batches, total=-(-len(images) // batch_size), desc=desc, leave=False):
+            logits = model(x)
+            losses.append(F.cross_entropy(logits, y, reduction="none").cpu())
+            preds.append(logits.argmax(1).cpu())
     out = torch.cat(preds) if preds else torch.empty(0, dtype=torch.int64)
     # Summed per sample in float64 at the end, so the mean does not depend on the batch size.
     loss_sum = torch.cat(losses).double().sum().item() if losses else 0.0

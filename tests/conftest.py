@@ -59,7 +59,7 @@ REAL_BADNET_ARGS = ["--attack", "badnet", "--dataset", "fashion-mnist", "--attac
 @pytest.fixture(scope="session")
 def real_badnet(tmp_path_factory):
     """(record root, record folder, the attack's test metrics) of the shared BadNets record."""
-    from pgbd_defense.make_record import AttackSettings, build_attack_record, record_name
+    from pgbd_defense.attacks.record import AttackSettings, build_attack_record, record_name
 
     if not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"Fashion-MNIST not installed at {FASHION_MNIST}")

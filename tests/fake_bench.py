@@ -29,7 +29,7 @@ class defense(object):
     "utils/aggregate_block/dataset_and_transform_generate.py": '''
 from PIL import Image
 import torchvision.transforms as T
-from pgbd_defense.data import load_split
+from pgbd_defense.datasets import load_split
 
 def get_num_classes(name):
     return 10
@@ -54,7 +54,7 @@ def dataset_and_transform_generate(args):
     return train, get_transform(args.dataset, 28, 28, True), None, test, get_transform(args.dataset, 28, 28, False), None
 ''',
     "utils/aggregate_block/model_trainer_generate.py": '''
-from pgbd_defense.models import build_model
+from pgbd_defense.formats.models import build_model
 
 def generate_cls_model(model_name, num_classes=10, image_size=32):
     return build_model(model_name, num_classes, in_channels=1, width=0.0625)

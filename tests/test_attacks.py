@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pgbd_defense import data as data_mod
+from pgbd_defense import datasets as data_mod
 from pgbd_defense.attacks import ATTACKS
 
 # Attacks that stamp a trigger on any image (rof-sunglasses uses real photos: tests/test_rof.py).
@@ -17,9 +17,9 @@ from pgbd_defense.attacks.blended import Blended
 from pgbd_defense.attacks.sig import SIG
 from pgbd_defense.attacks.trojan import TrojanWatermark, watermark_mask
 from pgbd_defense.attacks.wanet import WaNet, identity_grid, warp
-from pgbd_defense.data import ImageSet
-from pgbd_defense.models import build_model
-from pgbd_defense.records import load_attack_record, write_attack_record
+from pgbd_defense.datasets import ImageSet
+from pgbd_defense.formats.models import build_model
+from pgbd_defense.formats.records import load_attack_record, write_attack_record
 
 
 def _images(n=20, c=1, h=28, w=28, seed=0):
@@ -139,7 +139,7 @@ from .conftest import needs_fashion_mnist  # noqa: E402
 @pytest.mark.parametrize("name, min_asr, subset, epochs", [
     ("blended", 0.9, 15000, 2), ("sig", 0.8, 15000, 2), ("wanet", 0.8, 30000, 3), ("trojan", 0.9, 15000, 2)])
 def test_attack_reaches_high_asr_on_a_fashion_mnist_subset(tmp_path, name, min_asr, subset, epochs):
-    from pgbd_defense.make_record import AttackSettings, build_attack_record
+    from pgbd_defense.attacks.record import AttackSettings, build_attack_record
 
     settings = AttackSettings(attack=name, width=0.125, epochs=epochs, lr=0.02, augment=False, train_subset=subset)
     metrics = build_attack_record(tmp_path / "record" / name, settings, save_png=False)
@@ -156,8 +156,8 @@ def test_badnet_reaches_high_asr_on_a_fashion_mnist_subset(real_badnet):
 
 def test_trojan_optimization_excites_its_neuron_and_stays_in_the_mask():
     from pgbd_defense.attacks.trojan import TrojanWatermark, select_neuron, watermark_mask
-    from pgbd_defense.batches import Normalizer
-    from pgbd_defense.models import build_model
+    from pgbd_defense.datasets.batches import Normalizer
+    from pgbd_defense.formats.models import build_model
 
     torch.manual_seed(0)
     model = build_model("preactresnet18", 10, 1, 0.125).eval()

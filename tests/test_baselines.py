@@ -8,13 +8,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pgbd_defense.baselines.ftsam import FTSAMConfig, FTSAMMethod, sam_perturbation
-from pgbd_defense.baselines.ibau import (IBAUConfig, fit_perturbation, implicit_hypergradient, inner_loss,
-                                         perturbed_count)
-from pgbd_defense.baselines.ibau import flip_rate as ibau_flip_rate
-from pgbd_defense.batches import Normalizer
-from pgbd_defense.data import ImageSet
-from pgbd_defense.baselines.nad import attention_loss, attention_map
+from pgbd_defense.datasets import ImageSet
+from pgbd_defense.datasets.batches import Normalizer
+from pgbd_defense.defenses.ftsam import FTSAMConfig, FTSAMMethod, sam_perturbation
+from pgbd_defense.defenses.ibau import IBAUConfig, fit_perturbation, implicit_hypergradient, inner_loss, perturbed_count
+from pgbd_defense.defenses.ibau import flip_rate as ibau_flip_rate
+from pgbd_defense.defenses.nad import attention_loss, attention_map
 from pgbd_defense.run import main
 
 from .test_records import _write

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from pgbd_defense.bench.installer import MANIFEST, check, install, planned_files, uninstall
+from pgbd_defense.bench.installer import main as install_main
 from pgbd_defense.bench.plugin import config_names
-from pgbd_defense.install import MANIFEST, check, install, main as install_main, planned_files, uninstall
 
 from .fake_bench import make_fake_checkout
 from .test_records import _write
@@ -71,13 +72,13 @@ def test_install_never_overwrites_a_foreign_file(bench, capsys):
 def test_configs_come_from_a_regular_install_too(tmp_path, monkeypatch):
     """Without the source tree beside the package, the YAMLs are read where setup.cfg's
     data_files put them (<prefix>/share/pgbd-defense/bench_configs/...)."""
-    import pgbd_defense.install as inst
+    import pgbd_defense.bench.installer as inst
 
     shared = tmp_path / "share" / "pgbd-defense" / "bench_configs" / "defense" / "pgbd"
     shared.mkdir(parents=True)
     for name in config_names():
         (shared / name).write_text(f"# installed copy of {name}\n")
-    monkeypatch.setattr(inst, "__file__", str(tmp_path / "site-packages" / "pgbd_defense" / "install.py"))
+    monkeypatch.setattr(inst, "__file__", str(tmp_path / "site-packages" / "pgbd_defense" / "bench" / "installer.py"))
     monkeypatch.setattr(inst.sys, "prefix", str(tmp_path))
     assert inst.planned_files()["config/defense/pgbd/gtsrb.yaml"] == "# installed copy of gtsrb.yaml\n"
     (shared / "tiny.yaml").unlink()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from pgbd_defense.install import MANIFEST, check, install, uninstall
+from pgbd_defense.bench.installer import MANIFEST, check, install, uninstall
 
 ROOT = os.environ.get("BACKDOORBENCH_ROOT")
 pytestmark = pytest.mark.skipif(not ROOT, reason="BACKDOORBENCH_ROOT is not set (no BackdoorBench checkout)")

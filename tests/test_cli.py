@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from pgbd_defense import data as data_mod
-from pgbd_defense.batches import Normalizer
-from pgbd_defense.pgbd import NonFiniteLossError, PGBDConfig, pgbd_finetune
-from pgbd_defense.records import load_defense_result
+from pgbd_defense import datasets as data_mod
+from pgbd_defense.datasets.batches import Normalizer
+from pgbd_defense.defenses.loop import NonFiniteLossError
+from pgbd_defense.defenses.pgbd import PGBDConfig, pgbd_finetune
+from pgbd_defense.formats.records import load_defense_result
 from pgbd_defense.run import main
 
 from .test_records import _write
@@ -75,11 +76,12 @@ def test_existing_results_are_not_overwritten(record, caplog):
 @pytest.mark.parametrize("args, message", [
     (["--layer", "layer9.conv"], "layer4.1.conv2"),
     (["--target", "12"], "out of range"),
-    (["--loss-form", "sine"], None),
+    (["--loss-form", "sine"], "loss_form='sine' (choose 'cos', 'abs_cos', 'relu_cos')"),
+    (["--batch-size", "x"], None),
 ])
 def test_bad_values_fail_clearly(record, caplog, args, message):
     if message is None:
-        with pytest.raises(SystemExit) as e:  # argparse rejects choices itself
+        with pytest.raises(SystemExit) as e:  # argparse rejects a value of the wrong type itself
             _run(record, *args)
         assert e.value.code == 2
         return
@@ -118,7 +120,7 @@ def test_yaml_config_is_applied_and_checked(record, tmp_path, caplog):
 
 def test_nan_loss_stops_with_epoch_and_batch(tiny_data):
     train = data_mod.load_split("mnist", str(tiny_data), train=True)
-    from pgbd_defense.models import build_model
+    from pgbd_defense.formats.models import build_model
     model = build_model("preactresnet18", 10, in_channels=1, width=0.0625)
     with torch.no_grad():
         model.linear.weight.fill_(math.nan)
@@ -128,7 +130,7 @@ def test_nan_loss_stops_with_epoch_and_batch(tiny_data):
 
 
 def test_poisoned_model_is_evaluated_once_per_record(record, monkeypatch):
-    import pgbd_defense.run as run_module
+    import pgbd_defense.pipeline as run_module
 
     assert _run(record, "--defense-name", "first") == 0
     caches = list((record[0] / "defense").glob(".poisoned_eval_*.json"))
@@ -146,7 +148,7 @@ def test_poisoned_model_is_evaluated_once_per_record(record, monkeypatch):
 def test_only_the_returned_model_is_evaluated_unless_asked(record, monkeypatch):
     """Per-epoch test evaluation is a diagnostic, off by default; when it is on, the returned
     epoch's numbers are reused rather than computed again."""
-    import pgbd_defense.run as run_module
+    import pgbd_defense.pipeline as run_module
 
     calls = []
     real = run_module.evaluate
@@ -173,7 +175,7 @@ def test_negative_eval_every_is_refused_before_any_work(record, caplog):
 
 def test_no_progress_lasts_for_its_own_call_only(tmp_path, monkeypatch):
     """--no-progress silences one run; a later call in the same process has its bars back."""
-    from pgbd_defense import progress
+    from pgbd_defense.util import progress
 
     monkeypatch.setattr(progress, "_enabled", True)  # the tests' conftest turns bars off
     seen = []

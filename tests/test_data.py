@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pgbd_defense import data as data_mod
-from pgbd_defense.batches import Normalizer, random_crop_flip
-from pgbd_defense.data import DataNotFoundError, read_idx
+from pgbd_defense import datasets as data_mod
+from pgbd_defense.datasets import DataNotFoundError
+from pgbd_defense.datasets.idx import read_idx
+from pgbd_defense.datasets.batches import Normalizer, random_crop_flip
 
 from .conftest import needs_fashion_mnist, write_idx
 

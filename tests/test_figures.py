@@ -6,10 +6,10 @@ import csv
 import pytest
 import torch
 
-from pgbd_defense.alignment import alignment_from_activations, last_stage_convs
-from pgbd_defense.figures import main as figures
-from pgbd_defense.gradcam import grad_cam
-from pgbd_defense.models import build_model
+from pgbd_defense.experiments.figures import main as figures
+from pgbd_defense.experiments.gradcam import grad_cam
+from pgbd_defense.formats.models import build_model
+from pgbd_defense.method.alignment import alignment_from_activations, last_stage_convs
 from pgbd_defense.run import main as run
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pgbd_defense.loss import pgbd_loss, per_sample_reference_loss, sanitization_loss
-from pgbd_defense.models import build_model
-from pgbd_defense.prototypes import capture, pure_pavs
+from pgbd_defense.formats.models import build_model
+from pgbd_defense.method.loss import per_sample_reference_loss, pgbd_loss, sanitization_loss
+from pgbd_defense.method.prototypes import pure_pavs
+from pgbd_defense.util.hooks import capture
 
 
 class TinyNet(nn.Module):
@@ -33,7 +34,7 @@ def _setup(model_fn, layer, k, seed):
     y = torch.tensor([0, 1, 2, 3, 0, 1, 2]) % k  # the target class 0 is in the batch
     with torch.no_grad(), capture(model, layer) as store:
         model(x)
-        dim = store["out"].flatten(1).shape[1]
+        dim = store[layer].flatten(1).shape[1]
     protos = torch.randn(k, dim, dtype=torch.float64)
     targets = torch.zeros(k, dtype=torch.int64)
     pavs, active = pure_pavs(protos, targets)
@@ -43,7 +44,7 @@ def _setup(model_fn, layer, k, seed):
 def _fast(model, layer, x, y, protos, pavs, active, lam, form, reduction):
     with capture(model, layer) as store:
         logits = model(x)
-        loss, _, _ = pgbd_loss(logits, store["out"].flatten(1), y, protos, pavs, active, lam, form, reduction)
+        loss, _, _ = pgbd_loss(logits, store[layer].flatten(1), y, protos, pavs, active, lam, form, reduction)
     return loss
 
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pgbd_defense.baselines.mcl import MCLConfig, MCLMethod, contrastive_loss, head_of, known_target, penultimate
-from pgbd_defense.batches import Normalizer, iterate
-from pgbd_defense.data import ImageSet
-from pgbd_defense.finetune import make_optimizer
-from pgbd_defense.inversion import Trigger
-from pgbd_defense.models import build_model
+from pgbd_defense.datasets import ImageSet
+from pgbd_defense.datasets.batches import Normalizer, iterate
+from pgbd_defense.defenses.loop import make_optimizer
+from pgbd_defense.defenses.mcl import MCLConfig, MCLMethod, contrastive_loss, features, penultimate
+from pgbd_defense.method.pav_sources import single_target
+from pgbd_defense.formats.models import build_model
+from pgbd_defense.method.inversion import Trigger
 
 
 def test_contrastive_loss_is_softplus_of_the_cosine_gap_over_tau():
@@ -41,14 +42,16 @@ def test_penultimate_features_are_the_heads_input():
     x = torch.randn(3, 1, 28, 28)
     with penultimate(model) as store:
         logits = model(x)
-    assert torch.allclose(head_of(model)(store["z"]), logits, atol=1e-6)
-    assert store["z"].shape == (3, head_of(model).in_features)
+    assert torch.allclose(model.linear(features(store, model)), logits, atol=1e-6)
+    assert features(store, model).shape == (3, model.linear.in_features)
 
 
 def test_known_target_refuses_all_to_all():
-    assert known_target(torch.tensor([-1, 0, 0])) == 0
+    assert single_target(torch.tensor([-1, 0, 0]), "MCL") == 0
     with pytest.raises(ValueError, match="one target class"):
-        known_target(torch.tensor([1, 2, 0]))
+        single_target(torch.tensor([1, 2, 0]), "MCL")
+    with pytest.raises(ValueError, match="MCL needs the trigger of one target class"):
+        MCLMethod(MCLConfig(), torch.tensor([1, 2, 0]))
 
 
 def _method(model, cfg):
@@ -69,7 +72,7 @@ def test_stage_two_moves_the_features_only_and_never_the_frozen_copy_or_the_head
     cfg = MCLConfig(lr=0.1, weight_decay=1e-2, batch_size=8)  # weight decay would move a head that got a grad
     method = _method(model, cfg)
     frozen_before = {k: v.clone() for k, v in method.frozen.state_dict().items()}
-    head_before = [p.detach().clone() for p in head_of(model).parameters()]
+    head_before = [p.detach().clone() for p in model[5].parameters()]
     conv_before = model[0].weight.detach().clone()
     opt = make_optimizer(model, cfg)
     images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
@@ -80,7 +83,7 @@ def test_stage_two_moves_the_features_only_and_never_the_frozen_copy_or_the_head
             assert torch.isfinite(out["loss"])
     for k, v in method.frozen.state_dict().items():
         assert torch.equal(v, frozen_before[k]), k
-    for p, before in zip(head_of(model).parameters(), head_before):
+    for p, before in zip(model[5].parameters(), head_before):
         assert p.grad is None and torch.equal(p.detach(), before)
     assert not torch.equal(model[0].weight, conv_before)
 

@@ -47,9 +47,9 @@ def test_predictions_and_loss_do_not_depend_on_the_batch_size():
     """The evaluation batch size is a speed setting: predictions are bit-identical and the
     mean loss equal to float64 rounding at any size from 16 up (benchmarks/cost.py picks the
     default). Under 16 images oneDNN takes other kernels and logits move by ~1e-9 here."""
-    from pgbd_defense.batches import Normalizer
+    from pgbd_defense.datasets.batches import Normalizer
+    from pgbd_defense.formats.models import build_model
     from pgbd_defense.metrics import predict
-    from pgbd_defense.models import build_model
 
     torch.manual_seed(0)
     model = build_model("preactresnet18", 10, in_channels=1, width=0.0625).eval()

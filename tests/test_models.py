@@ -6,9 +6,16 @@ import pytest
 import torch
 import torchvision
 
-from pgbd_defense.models import (DEFAULT_LAYERS, MODELS, ModelMismatchError, build_model, infer_architecture,
-                                 load_weights, strip_module_prefix)
-from pgbd_defense.prototypes import last_conv_name
+from pgbd_defense.formats.models import (
+    DEFAULT_LAYERS,
+    MODELS,
+    ModelMismatchError,
+    build_model,
+    infer_architecture,
+    load_weights,
+    strip_module_prefix,
+)
+from pgbd_defense.util.hooks import last_conv_name
 
 
 @pytest.mark.parametrize("name", MODELS.names())

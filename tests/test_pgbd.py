@@ -3,12 +3,12 @@
 import pytest
 import torch
 
-import pgbd_defense.pgbd as pgbd_module
-from pgbd_defense import data as data_mod
-from pgbd_defense.batches import Normalizer
-from pgbd_defense.models import build_model
-from pgbd_defense.pgbd import PGBDConfig, pgbd_finetune
-from pgbd_defense.results import read_index
+from pgbd_defense import datasets as data_mod
+from pgbd_defense.datasets.batches import Normalizer
+from pgbd_defense.defenses.pgbd import PGBDConfig, pgbd_finetune
+from pgbd_defense.formats.defense_folder import read_index
+from pgbd_defense.formats.models import build_model
+from pgbd_defense.method.pav_sources import PAVSource
 
 from .conftest import FIXTURE_RECORD, needs_fixture
 
@@ -19,13 +19,13 @@ def _tiny(tiny_data):
 
 def test_prototypes_are_reestimated_every_update_gap_epochs(tiny_data, monkeypatch):
     calls = []
-    real = pgbd_module.compute_state
+    real = PAVSource.estimate
 
-    def spy(*args, previous=None, **kwargs):
+    def spy(self, *args, previous=None, **kwargs):
         calls.append(previous is not None)
-        return real(*args, previous=previous, **kwargs)
+        return real(self, *args, previous=previous, **kwargs)
 
-    monkeypatch.setattr(pgbd_module, "compute_state", spy)
+    monkeypatch.setattr(PAVSource, "estimate", spy)
     torch.manual_seed(0)
     model = build_model("preactresnet18", 10, in_channels=1, width=0.0625)
     history = pgbd_finetune(model, _tiny(tiny_data), torch.zeros(10, dtype=torch.int64),
@@ -35,7 +35,7 @@ def test_prototypes_are_reestimated_every_update_gap_epochs(tiny_data, monkeypat
 
 
 def test_plain_finetuning_computes_no_prototypes(tiny_data, monkeypatch):
-    monkeypatch.setattr(pgbd_module, "compute_state", lambda *a, **k: pytest.fail("prototypes computed"))
+    monkeypatch.setattr(PAVSource, "estimate", lambda *a, **k: pytest.fail("prototypes computed"))
     model = build_model("preactresnet18", 10, in_channels=1, width=0.0625)
     history = pgbd_finetune(model, _tiny(tiny_data), torch.zeros(10, dtype=torch.int64),
                             Normalizer((0.5,), (0.5,), 1), PGBDConfig(epochs=1, lam=0.0))

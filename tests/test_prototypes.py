@@ -5,9 +5,9 @@ import warnings
 import pytest
 import torch
 
-from pgbd_defense.prototypes import (LayerNotFoundError, Prototypes, blend, capture, estimate_prototypes, find_layer,
-                                     match_clusters, pure_pavs)
-from pgbd_defense.models import build_model
+from pgbd_defense.formats.models import build_model
+from pgbd_defense.method.prototypes import Prototypes, blend, estimate_prototypes, match_clusters, pure_pavs
+from pgbd_defense.util.hooks import LayerNotFoundError, capture, eval_mode, find_layer
 
 
 def test_prototype_is_the_mean_of_three_kmeans_centroids():
@@ -81,6 +81,30 @@ def test_capture_removes_its_hook_even_on_error():
     assert len(layer._forward_hooks) == 0
 
 
+def test_capture_takes_outputs_or_inputs_of_several_layers():
+    model = build_model("preactresnet18", 10, width=0.0625).eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), capture(model, ["layer4", "avgpool"]) as outs, capture(model, "linear", inputs=True) as ins:
+        logits = model(x)
+    assert outs["layer4"].shape[:2] == (2, 32) and outs["avgpool"].shape == (2, 32, 1, 1)
+    assert torch.equal(ins["linear"].flatten(1), outs["avgpool"].flatten(1))
+    assert torch.allclose(model.linear(ins["linear"].flatten(1)), logits)
+    assert not find_layer(model, "linear")._forward_pre_hooks and not find_layer(model, "layer4")._forward_hooks
+
+
+def test_eval_mode_restores_the_mode_it_found_even_on_error():
+    model = build_model("preactresnet18", 10, width=0.0625).train()
+    with pytest.raises(RuntimeError):
+        with eval_mode(model):
+            assert not model.training
+            raise RuntimeError("boom")
+    assert model.training
+    model.eval()
+    with eval_mode(model):
+        pass
+    assert not model.training
+
+
 def test_unknown_layer_lists_the_valid_ones():
     model = build_model("preactresnet18", 10, width=0.0625)
     with pytest.raises(LayerNotFoundError, match="layer4.1.conv2"):
@@ -102,8 +126,8 @@ def _clustered_images(seed=0):
 
 
 def test_streaming_prototypes_match_in_memory_ones():
-    from pgbd_defense.batches import Normalizer
-    from pgbd_defense.prototypes import collect_activations, stream_prototypes
+    from pgbd_defense.datasets.batches import Normalizer
+    from pgbd_defense.method.prototypes import collect_activations, stream_prototypes
 
     model, norm = _identity_model(), Normalizer((0.5,), (0.5,), 1)
     images, labels = _clustered_images()

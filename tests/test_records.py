@@ -7,14 +7,19 @@ import shutil
 import pytest
 import torch
 
-from pgbd_defense import data as data_mod
+from pgbd_defense import datasets as data_mod
 from pgbd_defense.attacks import ATTACKS
-from pgbd_defense.batches import Normalizer
+from pgbd_defense.datasets.batches import Normalizer
+from pgbd_defense.formats.models import ModelMismatchError, build_model
+from pgbd_defense.formats.records import (
+    RecordError,
+    load_attack_record,
+    load_defense_result,
+    write_attack_record,
+    write_defense_result,
+)
+from pgbd_defense.formats.safe_pickle import UnsafeRecordError, safe_torch_load
 from pgbd_defense.metrics import evaluate
-from pgbd_defense.models import ModelMismatchError, build_model
-from pgbd_defense.records import (RecordError, load_attack_record, load_defense_result, write_attack_record,
-                                  write_defense_result)
-from pgbd_defense.safe_pickle import UnsafeRecordError, safe_torch_load
 
 from .conftest import FASHION_MNIST, FIXTURE_RECORD, needs_fashion_mnist, needs_fixture
 

@@ -69,7 +69,7 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_numbers(record):
 def test_resume_with_other_settings_is_refused(record, caplog, monkeypatch):
     cli = _cli(record, "r")
     cli[cli.index("--epochs") + 1] = "2"
-    import pgbd_defense.finetune as loop_module
+    import pgbd_defense.defenses.loop as loop_module
     real = loop_module.atomic_torch_save
 
     def save_then_interrupt(obj, path):  # Ctrl-C right after the first epoch's checkpoint
@@ -100,7 +100,7 @@ def test_two_seeded_runs_give_identical_results(record):
 
 WRITER = """
 import sys, torch
-from pgbd_defense.atomic import atomic_torch_save
+from pgbd_defense.util.atomic import atomic_torch_save
 i = 0
 while True:
     i += 1

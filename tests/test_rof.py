@@ -1,15 +1,15 @@
 """The ROF adapter and the semantic attacks, on a small generated tree of synthetic
 face-like images in the ROF layout. Real results need the real ROF data set
-(see pgbd_defense/rof.py for where to put it)."""
+(see pgbd_defense/datasets/rof.py for where to put it)."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from pgbd_defense.data import DataNotFoundError, load_split
-from pgbd_defense.rof import (MaskAttack, SunglassesAttack, TattooAttack, chosen_identities, composite,
-                              mask_overlays, occluded_photos)
+from pgbd_defense.attacks.rof import MaskAttack, SunglassesAttack, TattooAttack, composite, mask_overlays
+from pgbd_defense.datasets import DataNotFoundError, load_split
+from pgbd_defense.datasets.rof import chosen_identities, occluded_photos
 
 # 12 identities with 4..15 neutral images: the 10 largest are id02..id11.
 COUNTS = {f"id{i:02d}": 4 + i for i in range(12)}
@@ -124,7 +124,7 @@ def test_tattoo_sits_on_the_cheek_and_masks_vary(rof_root, tmp_path):
 def test_rof_records_round_trip_and_are_defended(rof_root, tmp_path):
     import json
 
-    from pgbd_defense.records import load_attack_record
+    from pgbd_defense.formats.records import load_attack_record
     from pgbd_defense.run import main
 
     for attack in ("rof-sunglasses", "rof-tattoo", "rof-mask"):

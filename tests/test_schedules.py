@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pgbd_defense.batches import Normalizer
-from pgbd_defense.config import merge
-from pgbd_defense.data import ImageSet
-from pgbd_defense.defenses import build_method
-from pgbd_defense.finetune import LoopConfig, Method, finetune
+from pgbd_defense.datasets import ImageSet
+from pgbd_defense.datasets.batches import Normalizer
+from pgbd_defense.defenses import DEFENSES, build_method
+from pgbd_defense.defenses.loop import LoopConfig, Method, finetune
+from pgbd_defense.settings import PRESET_NAMES, resolve
 
 
 class RecordingLR(Method):
@@ -27,11 +27,16 @@ class RecordingLR(Method):
         return super().step(model, x, y, store, opt, epoch)
 
 
+# The loop's defaults are BackdoorBench's FT (per-epoch cosine of T_max 100); these tests start
+# from a per-batch cosine over the whole run and change what they test.
+PER_BATCH = {"scheduler_interval": "batch", "cos_t_max": 0, "augment": False}
+
+
 def _rates(n_images=12, **settings):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
     data = ImageSet(torch.randint(0, 256, (n_images, 1, 4, 4), dtype=torch.uint8), torch.arange(n_images) % 2)
-    method = RecordingLR(LoopConfig(**settings))
+    method = RecordingLR(LoopConfig(**{**PER_BATCH, **settings}))
     finetune(model, method, data, Normalizer([0.5], [0.5], 1))
     return method.lrs
 
@@ -75,14 +80,14 @@ def test_schedule_settings_are_checked():
 
 
 def _bench(defense):
-    cfg = merge("bench", {}, {}, defense=defense)
+    cfg = resolve("bench", defense, {})
     method = build_method(defense, cfg, torch.tensor([-1, 0]), "layer4.1.conv2")
     return cfg, method.cfg
 
 
 def test_bench_preset_reports_the_last_epoch_of_the_whole_subset():
     for defense in ("ft", "nad", "ft-sam", "i-bau", "mcl", "pgbd"):
-        cfg = merge("bench", {}, {}, defense=defense)
+        cfg = resolve("bench", defense, {})
         assert cfg["val_share"] == 0.0 and cfg["select"] == "last" and cfg["ratio"] == 0.05, defense
 
 
@@ -118,18 +123,15 @@ def test_bench_ft_sam_and_i_bau_and_mcl():
 
 
 def test_benchmark_yaml_keys_reach_the_schedule():
-    cfg = merge("cpu", {"lr_scheduler": "MultiStepLR", "steplr_milestones": [2, 4], "steplr_gamma": 0.5,
-                        "cos_t_max": 100}, {}, defense="ft")
+    cfg = resolve("cpu", "ft", {"lr_scheduler": "MultiStepLR", "steplr_milestones": [2, 4], "steplr_gamma": 0.5,
+                        "cos_t_max": 100})
     m = build_method("ft", cfg, torch.tensor([-1, 0]), "layer4.1.conv2").cfg
     assert (m.lr_scheduler, m.steplr_milestones, m.steplr_gamma, m.cos_t_max) == ("multistep", (2, 4), 0.5, 100)
 
 
 def test_every_preset_builds_every_registered_defense():
-    from pgbd_defense.config import PRESETS
-    from pgbd_defense.defenses import DEFENSES
-
-    for preset in PRESETS:
+    for preset in PRESET_NAMES:
         for defense in DEFENSES.names():
-            cfg = merge(preset, {}, {}, defense=defense)
+            cfg = resolve(preset, defense, {})
             method = build_method(defense, cfg, torch.tensor([-1, 0]), "layer4.1.conv2")
             assert method.name == defense and method.cfg.epochs >= 1, (preset, defense)

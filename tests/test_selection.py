@@ -6,16 +6,22 @@ import json
 import pytest
 import torch
 
+import pgbd_defense.pipeline as pipeline_module
 import pgbd_defense.run as run_module
-from pgbd_defense import data as data_mod
-from pgbd_defense.batches import Normalizer
-from pgbd_defense.finetune import LoopConfig, Method, Selection, finetune, split_validation
-from pgbd_defense.models import build_model
-from pgbd_defense.pgbd import PGBDConfig, PGBDMethod, nt_target
-from pgbd_defense.records import load_defense_result
+from pgbd_defense import datasets as data_mod
+from pgbd_defense.datasets.batches import Normalizer
+from pgbd_defense.defenses.loop import LoopConfig, Method, Selection, finetune, split_validation
+from pgbd_defense.defenses.pgbd import PGBDConfig, PGBDMethod
+from pgbd_defense.method.pav_sources import nt_target
+from pgbd_defense.formats.models import build_model
+from pgbd_defense.formats.records import load_defense_result
 
 from .test_records import _write
 
+# The loop's defaults are BackdoorBench's FT (augmentation, a per-epoch cosine of T_max 100,
+# weight decay 5e-4); these tests fine-tune a few epochs without augmentation, the rate
+# annealed over the whole run.
+SMALL = {"augment": False, "scheduler_interval": "batch", "cos_t_max": 0}
 NORM = Normalizer((0.5,), (0.5,), 1)
 
 
@@ -51,7 +57,7 @@ class _Scripted(Method):
 def _trained_model(tiny_data):
     torch.manual_seed(0)
     model = build_model("preactresnet18", 10, in_channels=1, width=0.0625)
-    finetune(model, Method(LoopConfig(epochs=6, lr=0.05, batch_size=16)), _tiny(tiny_data), NORM)
+    finetune(model, Method(LoopConfig(epochs=6, lr=0.05, batch_size=16, **SMALL)), _tiny(tiny_data), NORM)
     return model
 
 
@@ -59,14 +65,14 @@ def test_collapse_guard_stops_and_restores_the_best_epoch(tiny_data):
     model = _trained_model(tiny_data)
     train, val = split_validation(_tiny(tiny_data), 0.25, seed=0)
     seen = []
-    result = finetune(model, _Scripted(LoopConfig(epochs=5, lr=1e-3, batch_size=16)), train, NORM, val=val,
+    result = finetune(model, _Scripted(LoopConfig(epochs=5, lr=1e-3, batch_size=16, **SMALL)), train, NORM, val=val,
                       selection=Selection(val_share=0.25, collapse_margin=0.2, collapse_patience=2),
                       on_epoch_end=lambda e, s: seen.append({k: v for k, v in s.items()}))
     assert result.collapsed and len(result.history) == 3  # two epochs below the guard, then stop
     assert seen[1]["val_acc"] < result.val_acc_before - 0.2
     assert result.selected_epoch == 0
     with torch.no_grad():
-        from pgbd_defense.finetune import clean_accuracy
+        from pgbd_defense.defenses.loop import clean_accuracy
         assert clean_accuracy(model, val, NORM) == pytest.approx(seen[0]["val_acc"])
     assert any(p.abs().sum() > 0 for p in model.parameters())
 
@@ -80,7 +86,7 @@ def test_collapse_in_the_first_epoch_returns_the_model_unchanged(tiny_data):
             return super().step(model, x, y, store, opt, epoch + 1)
 
     train, val = split_validation(_tiny(tiny_data), 0.25, seed=0)
-    result = finetune(model, CollapseAtOnce(LoopConfig(epochs=3, lr=1e-3, batch_size=16)), train, NORM, val=val,
+    result = finetune(model, CollapseAtOnce(LoopConfig(epochs=3, lr=1e-3, batch_size=16, **SMALL)), train, NORM, val=val,
                       selection=Selection(val_share=0.25, collapse_patience=1))
     assert result.collapsed and result.selected_epoch == -1 and result.notes
     for k, v in model.state_dict().items():
@@ -102,7 +108,7 @@ def test_one_bad_epoch_that_recovers_is_not_a_collapse(tiny_data):
             return out
 
     train, val = split_validation(_tiny(tiny_data), 0.25, seed=0)
-    result = finetune(model, DipOnce(LoopConfig(epochs=3, lr=1e-3, batch_size=16)), train, NORM, val=val,
+    result = finetune(model, DipOnce(LoopConfig(epochs=3, lr=1e-3, batch_size=16, **SMALL)), train, NORM, val=val,
                       selection=Selection(val_share=0.25, collapse_patience=2))
     accs = [row["val_acc"] for row in result.history]
     assert not result.collapsed and len(accs) == 3
@@ -113,11 +119,11 @@ def test_best_epoch_is_chosen_by_held_out_accuracy(tiny_data):
     torch.manual_seed(1)
     model = build_model("preactresnet18", 10, in_channels=1, width=0.0625)
     train, val = split_validation(_tiny(tiny_data), 0.25, seed=0)
-    result = finetune(model, Method(LoopConfig(epochs=4, lr=0.05, batch_size=16)), train, NORM, val=val,
+    result = finetune(model, Method(LoopConfig(epochs=4, lr=0.05, batch_size=16, **SMALL)), train, NORM, val=val,
                       selection=Selection(val_share=0.25, collapse_margin=0.0))
     accs = [row["val_acc"] for row in result.history]
     assert result.selected_epoch == accs.index(max(accs))
-    from pgbd_defense.finetune import clean_accuracy
+    from pgbd_defense.defenses.loop import clean_accuracy
     assert clean_accuracy(model, val, NORM) == pytest.approx(max(accs))
 
 
@@ -128,7 +134,7 @@ def test_poisoned_test_data_cannot_change_what_is_selected(tmp_path, tiny_data, 
     cli = ["--record", str(folder), "--data-root", str(tiny_data), "--epochs", "4", "--batch-size", "8",
            "--ratio", "1.0", "--lr", "0.05", "--val-share", "0.25", "--no-progress"]
     assert run_module.main([*cli, "--defense-name", "honest"]) == 0
-    real = run_module.evaluate
+    real = pipeline_module.evaluate
     calls = {"n": 0}
 
     def lying_evaluate(*args, **kwargs):
@@ -138,7 +144,7 @@ def test_poisoned_test_data_cannot_change_what_is_selected(tmp_path, tiny_data, 
         out["test_acc"] = 1.0 - 1.0 / calls["n"]
         return out
 
-    monkeypatch.setattr(run_module, "evaluate", lying_evaluate)
+    monkeypatch.setattr(pipeline_module, "evaluate", lying_evaluate)
     assert run_module.main([*cli, "--defense-name", "lied-to", "--eval-every", "1"]) == 0
     assert calls["n"] == 4  # every epoch's diagnostic; the returned epoch's is reused, not repeated
     a = load_defense_result(folder / "defense" / "honest")["model"]
@@ -189,7 +195,7 @@ def test_seconds_are_charged_to_the_phase_that_spent_them(tiny_data):
     torch.manual_seed(0)
     model = build_model("preactresnet18", 10, in_channels=1, width=0.0625)
     train, val = split_validation(_tiny(tiny_data), 0.25, seed=0)
-    result = finetune(model, SlowStart(LoopConfig(epochs=2, lr=0.01, batch_size=16)), train, NORM, val=val,
+    result = finetune(model, SlowStart(LoopConfig(epochs=2, lr=0.01, batch_size=16, **SMALL)), train, NORM, val=val,
                       selection=Selection(val_share=0.25))
     assert {"prepare", "epoch_updates", "training", "selection", "diagnostics"} <= set(result.seconds)
     assert result.seconds["prepare"] >= 0.3

@@ -5,11 +5,11 @@ import math
 import pandas as pd
 import pytest
 
-import pgbd_defense.run as run_module
-from pgbd_defense.experiments import Cell, run_cell, shared_index
-from pgbd_defense.sweep import GridError, parse_grid, pareto_front
-from pgbd_defense.table2 import gate, seeds_table
-from pgbd_defense.tables import MEAN, dem_bar_chart, ranks, to_latex, to_markdown, wide_table, write_table
+import pgbd_defense.experiments.cells as cells_module
+from pgbd_defense.experiments.cells import Cell, run_cell, shared_index
+from pgbd_defense.experiments.sweep import GridError, pareto_front, parse_grid
+from pgbd_defense.experiments.table2 import gate, seeds_table
+from pgbd_defense.experiments.tables import MEAN, dem_bar_chart, ranks, to_latex, to_markdown, wide_table, write_table
 
 from .test_records import _write
 
@@ -108,36 +108,46 @@ def test_finished_cells_are_read_not_rerun(tmp_path, tiny_data, monkeypatch):
     folder, *_ = _write(tmp_path, tiny_data, save_png=False)
     index = shared_index(folder, 0.5, 0, str(tiny_data))
     assert len(index.read_text().split()) == 60 and shared_index(folder, 0.5, 0, str(tiny_data)) == index
-    cell = Cell(folder, "ft", ["--index", str(index), "--epochs", "1", "--batch-size", "16", "--no-progress"])
+    cell = Cell(folder, "ft", {"index": str(index), "epochs": 1, "batch_size": 16})
     first = run_cell(cell, str(tiny_data))
     assert first["status"] == "ok" and 0 <= first["ca"] <= 1
-    monkeypatch.setattr(run_module, "main", lambda argv: pytest.fail("a finished cell was recomputed"))
+    monkeypatch.setattr(cells_module, "defend", lambda *a, **k: pytest.fail("a finished cell was recomputed"))
     again = run_cell(cell, str(tiny_data))
     assert again["status"] == "cached" and again["ca"] == first["ca"]
-    other = Cell(folder, "ft", [*cell.args, "--lr", "0.5"])  # other settings: another cell
+    other = Cell(folder, "ft", {**cell.settings, "lr": 0.5})  # other settings: another cell
     assert other.name != cell.name
+    assert Cell(folder, "ft", {"batch_size": 16, "epochs": 1, "index": str(index)}).name == cell.name  # any order
+    assert Cell(folder, "ft", cell.settings, preset="paper").name != cell.name
 
 
 def test_a_cached_cell_made_under_other_preset_values_is_recomputed(tmp_path, tiny_data, monkeypatch):
-    import pgbd_defense.config as config_module
+    import dataclasses
+
+    from pgbd_defense.settings import FIELDS
 
     folder, *_ = _write(tmp_path, tiny_data, save_png=False)
     index = shared_index(folder, 0.5, 0, str(tiny_data))
-    cell = Cell(folder, "ft", ["--index", str(index), "--epochs", "1", "--batch-size", "16", "--no-progress"])
+    cell = Cell(folder, "ft", {"index": str(index), "epochs": 1, "batch_size": 16})
     assert run_cell(cell, str(tiny_data))["status"] == "ok"
-    changed = {**config_module.PRESETS["cpu"], "lr": 0.5}
-    monkeypatch.setitem(config_module.PRESETS, "cpu", changed)
+    lr = FIELDS["lr"]
+    monkeypatch.setitem(FIELDS, "lr", dataclasses.replace(lr, presets={**lr.presets, "cpu": 0.5}))
     assert run_cell(cell, str(tiny_data))["status"] == "ok"  # recomputed, not "cached"
 
 
 def test_a_failing_cell_becomes_a_row(tmp_path, tiny_data):
     folder, *_ = _write(tmp_path, tiny_data, save_png=False)
-    row = run_cell(Cell(folder, "ft", ["--layer", "no.such.layer", "--no-progress"]), str(tiny_data))
-    assert row["status"] == "failed" and "exit code 2" in row["error"]
+    row = run_cell(Cell(folder, "ft", {"layer": "no.such.layer"}), str(tiny_data))
+    assert row["status"] == "failed" and "LayerNotFoundError" in row["error"] and "no.such.layer" in row["error"]
 
 
 def test_grid_parsing_and_errors():
-    assert parse_grid("lr=0.1,0.2 lambda=1") == [{"lr": "0.1", "lambda": "1"}, {"lr": "0.2", "lambda": "1"}]
+    assert parse_grid("lr=0.1,0.2 lambda=1") == [{"lr": 0.1, "lambda": 1.0}, {"lr": 0.2, "lambda": 1.0}]
+    assert parse_grid("loss_form=cos freeze_bn=true,false epochs=2") == [
+        {"loss_form": "cos", "freeze_bn": True, "epochs": 2}, {"loss_form": "cos", "freeze_bn": False, "epochs": 2}]
+    with pytest.raises(GridError, match="takes int"):
+        parse_grid("epochs=1.5")
+    with pytest.raises(GridError, match="unknown grid key"):
+        parse_grid("nt_classes=1,2")  # a list setting cannot be an axis
     with pytest.raises(GridError, match="unknown grid key"):
         parse_grid("speed=1")
     with pytest.raises(GridError, match="key=v1,v2"):

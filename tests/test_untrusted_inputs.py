@@ -13,15 +13,15 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pgbd_defense.settings import ConfigError, read_yaml, resolve
 
-from pgbd_defense.config import ConfigError, merge, read_yaml
-from pgbd_defense.data import DataNotFoundError
-from pgbd_defense.models import ModelMismatchError
-from pgbd_defense.registry import UnknownNameError
-from pgbd_defense.records import RecordError, load_attack_record
-from pgbd_defense.results import read_index
+from pgbd_defense.datasets import DataNotFoundError
+from pgbd_defense.formats.defense_folder import read_index
+from pgbd_defense.formats.models import ModelMismatchError
+from pgbd_defense.formats.records import RecordError, load_attack_record
+from pgbd_defense.formats.safe_pickle import UnreadableFileError, UnsafeRecordError
 from pgbd_defense.run import main
-from pgbd_defense.safe_pickle import UnreadableFileError, UnsafeRecordError
+from pgbd_defense.util.registry import UnknownNameError
 
 from .conftest import make_idx_dataset
 from .test_records import _write
@@ -151,19 +151,21 @@ def test_config_text_fuzz(tmp_path, text):
     p = tmp_path / "c.yaml"
     p.write_text(text)
     try:
-        merge("cpu", read_yaml(str(p)), {})
+        resolve("cpu", None, read_yaml(str(p)))
     except ConfigError:
         pass
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(["lr", "epochs", "lambda", "loss_form", "freeze_bn", "index", "nope"]),
+@given(st.dictionaries(st.sampled_from(["lr", "epochs", "lambda", "loss_form", "freeze_bn", "index", "nope", "preset",
+                                        "defense", "weight_decay", "n_rounds", "beta1", "rho_min", "rho_max", "amp",
+                                        "teacher_model_loc", "betas", "lr_scheduler", "target"]),
                        JUNK, max_size=4))
 def test_config_values_fuzz(tmp_path, values):
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(values))
     try:
-        merge("cpu", read_yaml(str(p)), {})
+        resolve("cpu", None, read_yaml(str(p)))
     except ConfigError:
         pass
 

@@ -7,13 +7,20 @@ import math
 import pytest
 import torch
 
-from pgbd_defense.batches import Normalizer
-from pgbd_defense.data import ImageSet
-from pgbd_defense.inversion import InversionConfig, Trigger, anomaly_indices, infer_target, invert_trigger
-from pgbd_defense.mapping import (LinearMap, MappingConfig, MappingError, features_from_file, parse_source,
-                                  reduce_teacher, train_map)
-from pgbd_defense.pgbd import teacher_pavs
-from pgbd_defense.prototypes import estimate_prototypes, pure_pavs, shift_pavs
+from pgbd_defense.datasets import ImageSet
+from pgbd_defense.datasets.batches import Normalizer
+from pgbd_defense.method.pav_sources import teacher_pavs
+from pgbd_defense.method.inversion import InversionConfig, Trigger, anomaly_indices, infer_target, invert_trigger
+from pgbd_defense.method.mapping import (
+    LinearMap,
+    MappingConfig,
+    MappingError,
+    features_from_file,
+    parse_source,
+    reduce_teacher,
+    train_map,
+)
+from pgbd_defense.method.prototypes import estimate_prototypes, pure_pavs, shift_pavs
 from pgbd_defense.run import main
 
 from .conftest import needs_fashion_mnist
@@ -121,8 +128,8 @@ def test_target_inference_is_cached_per_model_data_and_settings(tmp_path, monkey
     """A second defense of the same record reuses the search; another model or budget redoes it."""
     from types import SimpleNamespace
 
-    from pgbd_defense import targets
-    from pgbd_defense.inversion import Inference
+    from pgbd_defense.method import targets
+    from pgbd_defense.method.inversion import Inference
 
     calls = []
 
@@ -132,21 +139,22 @@ def test_target_inference_is_cached_per_model_data_and_settings(tmp_path, monkey
 
     monkeypatch.setattr(targets, "infer_target", fake_infer)
     record = SimpleNamespace(model=CornerDetector(target=1), num_classes=4)
-    cfg = {"target": "auto", "inversion_steps": 5, "inversion_batch_size": 8, "random_seed": 0,
-           "inversion_classes": None, "inversion_scale": "log"}
+    cfg = {"spec": "auto", "steps": 5, "batch_size": 8, "seed": 0, "classes": (), "scale": "log"}
     data = dark_images()
 
     def defend(name, **change):
         out = tmp_path / "defense" / name
         out.mkdir(parents=True, exist_ok=True)
-        found, inference = targets.defended_targets({**cfg, **change}, record, data, IDENTITY, out)
+        found, inference, order = targets.defended_targets(targets.TargetConfig(**{**cfg, **change}), record, data,
+                                                           IDENTITY, out)
+        assert order is None  # NT-PGBD's classes come from the ranking only with nt_topk
         assert (out / "target_inference.csv").is_file()
         return found.tolist(), inference.ranking
 
     first = defend("pgbd")
     assert first == ([1, 1, 1, 1], [1, 3, 2, 0]) and calls == [5]
     assert defend("nt-pgbd") == first and calls == [5]  # reused from <record>/defense/.target_inference_*.json
-    defend("pgbd", inversion_steps=6)
+    defend("pgbd", steps=6)
     assert calls == [5, 6]
     with torch.no_grad():
         record.model.scale.add_(1.0)
@@ -281,7 +289,7 @@ def test_st_pgbd_refuses_all_to_all_targets(tiny_data, tmp_path):
 
 @pytest.fixture(scope="module")
 def badnets_record(real_badnet):
-    from pgbd_defense.records import load_attack_record
+    from pgbd_defense.formats.records import load_attack_record
 
     return load_attack_record(real_badnet[1])
 

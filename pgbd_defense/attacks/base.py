@@ -7,24 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import ImageSet
-from ..records import BackdoorSet
-from ..registry import Registry
+from ..datasets import ImageSet
+from ..formats.records import LABEL_MODES, BackdoorSet, label_mapping  # noqa: F401
+from ..util.registry import Registry
 
 ATTACKS: Registry = Registry("attack")
-LABEL_MODES = ("all2one", "all2all")
-
-
-def label_mapping(num_classes: int, mode: str, target: int) -> torch.Tensor:
-    """Attack label of each class: all2one sends every class to ``target``,
-    all2all sends class y to (y + 1) mod k."""
-    if mode == "all2one":
-        if not 0 <= target < num_classes:
-            raise ValueError(f"target label {target} is out of range for {num_classes} classes (0..{num_classes - 1})")
-        return torch.full((num_classes,), target, dtype=torch.int64)
-    if mode == "all2all":
-        return (torch.arange(num_classes) + 1) % num_classes
-    raise ValueError(f"unknown label mode {mode!r}; choose one of {LABEL_MODES}")
 
 
 @dataclass

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import ConfigError
 from .base import ATTACKS, Attack
 
 
@@ -23,7 +24,7 @@ def load_trigger_image(path: str, height: int, width: int, channels: int) -> tor
             im = im.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
             arr = np.asarray(im)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read trigger image {path!r}: {e}") from None
+        raise ConfigError(f"cannot read trigger image {path!r}: {e}") from None
     t = torch.from_numpy(arr.copy())
     return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1)
 

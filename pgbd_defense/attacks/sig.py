@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import ConfigError
 from .base import ATTACKS, Attack
 
 
@@ -27,7 +28,7 @@ class SIG(Attack):
 
     def __post_init__(self):
         if self.mode != "all2one":
-            raise ValueError("SIG is a clean-label attack on one target class: use label mode all2one")
+            raise ConfigError("SIG is a clean-label attack on one target class: use label mode all2one")
         super().__post_init__()
 
     def apply_trigger(self, images: torch.Tensor) -> torch.Tensor:

@@ -20,8 +20,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from ..batches import Normalizer
-from ..data import ImageSet
+from ..datasets import ImageSet
+from ..datasets.batches import Normalizer
+from ..util.hooks import capture, last_linear
 from .base import ATTACKS, Attack
 
 log = logging.getLogger(__name__)
@@ -34,16 +35,9 @@ def watermark_mask(size: int = 7) -> torch.Tensor:
     return mask
 
 
-def last_linear(model: torch.nn.Module) -> torch.nn.Linear:
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if not linears:
-        raise ValueError("TrojanNN's neuron selection needs a model ending in a linear layer")
-    return linears[-1]
-
-
 def select_neuron(model: torch.nn.Module) -> int:
     """The input feature of the final linear layer with the largest summed |weight| to the logits."""
-    return int(last_linear(model).weight.detach().abs().sum(0).argmax())
+    return int(last_linear(model)[1].weight.detach().abs().sum(0).argmax())
 
 
 @ATTACKS.register("trojan")
@@ -97,8 +91,7 @@ class TrojanWatermark(Attack):
         ``images`` with the optimized and with the fixed white patch."""
         model.eval()
         self.neuron = select_neuron(model)
-        store = {}
-        handle = last_linear(model).register_forward_hook(lambda m, i, o: store.__setitem__("in", i[0]))
+        head = last_linear(model)[0]
         c, h, w = images.shape[1:]
         rows, cols = self._region(h, w)
         mask = torch.zeros(1, 1, h, w, device=device)
@@ -107,11 +100,11 @@ class TrojanWatermark(Attack):
         opt = torch.optim.Adam([logit], lr=0.1)
         x01 = images.to(device).float() / 255.0
         mean, std = normalize.mean.to(device), normalize.std.to(device)
-        try:
+        with capture(model, head, inputs=True) as store:
             for _ in range(self.steps):
                 stamped = (1 - mask) * x01 + mask * torch.sigmoid(logit)
                 model((stamped - mean) / std)
-                loss = F.mse_loss(store["in"][:, self.neuron], torch.full((len(x01),), self.target_act,
+                loss = F.mse_loss(store[head][:, self.neuron], torch.full((len(x01),), self.target_act,
                                                                           device=device))
                 opt.zero_grad()
                 loss.backward()
@@ -122,10 +115,8 @@ class TrojanWatermark(Attack):
                 for name, pattern in (("fixed", None), ("optimized", self.pattern)):
                     self.pattern = pattern
                     model(normalize(self.apply_trigger(images).to(device)))
-                    acts[name] = float(store["in"][:, self.neuron].mean())
+                    acts[name] = float(store[head][:, self.neuron].mean())
                 self.pattern = pattern
-        finally:
-            handle.remove()
         log.info("trojan: neuron %d of the last linear layer's input; mean activation %.2f with the optimized "
                  "patch vs %.2f with a white one", self.neuron, acts["optimized"], acts["fixed"])
         self.activation = acts

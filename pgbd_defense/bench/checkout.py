@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 from typing import Iterator, List, Optional
 
+from ..errors import UserError
+
 # Files every BackdoorBench v2 checkout has and the plugin relies on.
 MARKERS = ("defense/base.py", "utils/save_load_attack.py", "utils/aggregate_block/dataset_and_transform_generate.py",
            "utils/aggregate_block/model_trainer_generate.py", "config/defense")
 
 
-class NotACheckoutError(FileNotFoundError):
+class NotACheckoutError(UserError, FileNotFoundError):
     """The folder is not a BackdoorBench checkout; the message lists what is missing."""
 
 

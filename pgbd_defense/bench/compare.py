@@ -13,11 +13,12 @@ from typing import Dict, Optional, Sequence
 
 import pandas as pd
 
+from ..errors import UserError
 from ..metrics import dem
 
 log = logging.getLogger("pgbd_defense.bench")
 
-class BenchRunError(RuntimeError):
+class BenchRunError(UserError, RuntimeError):
     """A benchmark script failed; the message names its log."""
 
 
@@ -48,7 +49,7 @@ def run_bench_attack(root: Path, attack: str, dataset: str, name: str, extra: Se
     attack's default config; returns the record folder."""
     script = root / "attack" / f"{attack}.py"
     if not script.is_file():
-        raise FileNotFoundError(f"the checkout has no attack script {script}")
+        raise BenchRunError(f"the checkout has no attack script {script}")
     log_path = root / "record" / f"{name}.attack.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [python, f"./attack/{attack}.py", "--yaml_path", attack_config(root, dataset), "--dataset", dataset,

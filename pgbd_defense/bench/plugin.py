@@ -28,71 +28,53 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+import yaml
 
-from ..config import merge, read_yaml
-from ..data import ImageSet
-from ..records import RecordError, load_attack_record
+from ..datasets import ImageSet
+from ..errors import ConfigError, UserError
+from ..formats.records import RecordError, load_attack_record
+from ..pipeline import check, defend
+from ..settings import PRESET_NAMES, VARIANT_NAMES, Settings, read_yaml, resolve
+from ..settings.cli import add_setting_arguments, explicit_values
+from ..util.logs import setup_logging
 from .checkout import bench_imports, find_checkout, require_checkout
+from .rof_support import install as install_rof
 
 log = logging.getLogger("pgbd_defense.bench")
 
-# Command-line keys (BackdoorBench spells them with underscores) that become our settings.
-SETTINGS = ["epochs", "batch_size", "lr", "lr_scheduler", "sgd_momentum", "wd", "ratio", "index", "random_seed",
-            "model", "lambda", "loss_form", "reduction", "layer", "target", "clusters", "update_gap", "alpha",
-            "grad_clip", "cycle", "val_share", "select", "collapse_margin", "warmup_epochs", "nt_classes", "nt_topk",
-            "mapping", "mapping_components", "mapping_steps", "inversion_steps", "inversion_batch_size",
-            "inversion_classes", "st_steps"]
+# BackdoorBench's common defense options that mean nothing here (accepted for compatibility).
+IGNORED_OPTIONS = {"--num_workers": "data are held in memory", "--amp": "full precision is used"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """BackdoorBench's common defense options, then PGBD's."""
-    parser.add_argument("--device", type=str, help="cpu, cuda, cuda:N")
+    """BackdoorBench's common defense options, then every setting of the field table in the
+    benchmark's spelling (``--batch_size``, ``--freeze_bn true``), then the run's options."""
     parser.add_argument("--yaml_path", type=str, default="./config/defense/pgbd/config.yaml")
     parser.add_argument("--result_file", type=str, help="record folder name under ./record")
-    parser.add_argument("--dataset", type=str, help="cifar10, cifar100, gtsrb, tiny, mnist")
-    parser.add_argument("--dataset_path", type=str, help="clean data root (default ./data)")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--batch_size", type=int)
-    parser.add_argument("--num_workers", type=int, help="accepted for compatibility; data are held in memory")
-    parser.add_argument("--lr", type=float)
-    parser.add_argument("--lr_scheduler", type=str)
-    parser.add_argument("--model", type=str)
-    parser.add_argument("--sgd_momentum", type=float)
-    parser.add_argument("--wd", type=float)
-    parser.add_argument("--random_seed", type=int)
-    parser.add_argument("--ratio", type=float, help="clean share of the training split (0.05)")
-    parser.add_argument("--index", type=str, help="file of clean-subset indices")
-    parser.add_argument("--amp", type=str, help="accepted for compatibility (full precision is used)")
-    g = parser.add_argument_group("PGBD")
-    g.add_argument("--preset", default="paper", help="defaults under the YAML (paper, bench or cpu; default paper)")
-    g.add_argument("--variant", choices=["pgbd", "nt", "st", "nt-pgbd", "st-pgbd"], default=None,
+    for flag, why in IGNORED_OPTIONS.items():
+        parser.add_argument(flag, type=str, help=f"accepted for compatibility ({why})")
+    add_setting_arguments(parser, "bench")
+    g = parser.add_argument_group("run")
+    g.add_argument("--preset", default="paper", choices=PRESET_NAMES,
+                   help="defaults under the YAML (default paper)")
+    g.add_argument("--variant", choices=sorted({*VARIANT_NAMES, *VARIANT_NAMES.values()}), default=None,
                    help="pgbd (target known), nt (NT-PGBD, no target) or st (ST-PGBD, synthesized trigger)")
-    g.add_argument("--lambda", dest="lambda", type=float)
-    g.add_argument("--loss_form", choices=["cos", "abs_cos", "relu_cos"])
-    g.add_argument("--reduction", choices=["sum", "mean"])
-    g.add_argument("--layer", type=str)
-    g.add_argument("--target", type=str, help="record (default), a class index, all2all, or auto (inferred)")
-    g.add_argument("--nt_classes", type=lambda v: [int(c) for c in v.split(",") if c])
-    g.add_argument("--nt_topk", type=int, help="NT-PGBD with --target auto: cycle through the top k classes")
-    g.add_argument("--mapping", type=str, help="off, a teacher features file, or torchvision:NAME:WEIGHTS_FILE")
-    g.add_argument("--mapping_components", type=int)
-    g.add_argument("--mapping_steps", type=int)
-    g.add_argument("--inversion_steps", type=int)
-    g.add_argument("--inversion_batch_size", type=int)
-    g.add_argument("--inversion_classes", type=lambda v: [int(c) for c in v.split(",") if c])
-    g.add_argument("--st_steps", type=int)
-    g.add_argument("--clusters", type=int)
-    g.add_argument("--update_gap", type=int)
-    g.add_argument("--alpha", type=float)
-    g.add_argument("--grad_clip", type=float)
-    g.add_argument("--cycle", type=int)
-    g.add_argument("--warmup_epochs", type=int)
-    g.add_argument("--val_share", type=float)
-    g.add_argument("--select", choices=["best", "last"])
-    g.add_argument("--collapse_margin", type=float)
+    g.add_argument("--defense_name", help="folder under record/<result_file>/defense/ (default: the variant's name)")
     g.add_argument("--trust_record", action="store_true", help="unpickle the record fully (only records you made)")
     g.add_argument("--overwrite", action="store_true", help="replace an earlier PGBD result of this record")
     g.add_argument("--resume", action="store_true")
+    g.add_argument("--dry_run", action="store_true", help="print the settings the run would use and stop")
+
+
+def launcher_settings(args) -> Settings:
+    """The settings the launcher runs with: the preset, the YAML at --yaml_path, the flags given.
+    The data set must be named (BackdoorBench's loaders and shapes depend on it)."""
+    yaml_values = read_yaml(args.yaml_path) if args.yaml_path else {}
+    explicit = explicit_values(args)
+    if "dataset" not in explicit and "dataset" not in yaml_values:
+        raise ConfigError("give --dataset (or a YAML with a dataset key): the record's data set as BackdoorBench "
+                          "names it (cifar10, cifar100, gtsrb, tiny, mnist)")
+    return resolve(args.preset, args.variant, yaml_values, explicit, source=args.yaml_path or "config")
 
 
 def to_image_set(dataset, channels: int, size: Tuple[int, int]) -> ImageSet:
@@ -128,24 +110,22 @@ def normalization_of(transform) -> Optional[Tuple[Tuple[float, ...], Tuple[float
 def defense_class():
     """The benchmark-facing class, subclassing the checkout's ``defense.base.defense``
     (imported now, from the checkout on sys.path)."""
-    from .rof_support import install as install_rof
-
     install_rof()  # before the imports below bind the data set functions
     from defense.base import defense as BenchDefense
-    from utils.aggregate_block.dataset_and_transform_generate import (dataset_and_transform_generate,
-                                                                       get_input_shape, get_num_classes)
+    from utils.aggregate_block.dataset_and_transform_generate import (
+        dataset_and_transform_generate,
+        get_input_shape,
+        get_num_classes,
+    )
     from utils.aggregate_block.model_trainer_generate import generate_cls_model
 
     class pgbd(BenchDefense):
         def __init__(self, args):
-            self.yaml_values = read_yaml(args.yaml_path) if args.yaml_path else {}
-            # Flags given on the command line win over the YAML, as in the benchmark's scripts.
-            self.explicit = {k: v for k, v in vars(args).items() if v is not None}
-            args.__dict__.update({**self.yaml_values, **self.explicit})
-            if not getattr(args, "dataset", None):
-                raise SystemExit("give --dataset (or a YAML with a dataset key)")
-            args.num_classes = get_num_classes(args.dataset)
-            args.input_height, args.input_width, args.input_channel = get_input_shape(args.dataset)
+            self.settings = launcher_settings(args)
+            dataset = self.settings["dataset"]
+            # What the benchmark's scripts derive from the data set, for its own helpers.
+            args.num_classes = get_num_classes(dataset)
+            args.input_height, args.input_width, args.input_channel = get_input_shape(dataset)
             args.img_size = (args.input_height, args.input_width, args.input_channel)
             self.args = args
             self.model = None
@@ -162,21 +142,16 @@ def defense_class():
             self.args.save_path = str(self.record_dir / "defense" / self.name())
 
         def name(self) -> str:
-            from ..defenses import VARIANT_DEFENSES
-
-            named = self.args.variant or self.yaml_values.get("variant") or "pgbd"
-            return VARIANT_DEFENSES.get(named, named)
+            return self.args.defense_name or self.settings.defense
 
         def set_trainer(self, model):
             self.model = model
 
         def set_logger(self):
-            from ..run import _setup_logging
-
-            _setup_logging(False)
+            setup_logging(False)
 
         def load(self):
-            data_root = getattr(self.args, "dataset_path", None) or self.yaml_values.get("dataset_path") or "./data"
+            data_root = self.settings["data_root"] or "./data"
             found = {}
 
             def clean_splits(raw):
@@ -189,28 +164,19 @@ def defense_class():
                 found["normalization"] = normalization_of(test_transform)
                 return (to_image_set(train, size[2], size[:2]), to_image_set(test, size[2], size[:2]))
 
-            model = generate_cls_model(self.args.model, self.args.num_classes)
+            model = generate_cls_model(self.settings["model"], self.args.num_classes)
             self.set_trainer(model)
             record = load_attack_record(self.record_dir, clean_splits=clean_splits, model=model,
-                                        trust=bool(getattr(self.args, "trust_record", False)),
-                                        device=self.args.device or "cpu")
+                                        trust=bool(self.args.trust_record), device=self.settings["device"])
             record.normalization = found.get("normalization")
             return record
 
         def mitigation(self):
-            from ..run import defend_record
-
-            defense = self.name()
-            cli = {k: self.explicit.get(k) for k in SETTINGS}
-            yaml_values = {k: v for k, v in self.yaml_values.items() if k not in ("variant", "defense")}
-            cfg = merge(self.args.preset, yaml_values, {k: v for k, v in cli.items() if v is not None},
-                        defense=defense)
+            check(self.settings)
             record = self.load()
-            run_args = SimpleNamespace(defense=defense, defense_name=defense, device=self.args.device or "cpu",
-                                       overwrite=bool(self.args.overwrite), resume=bool(self.args.resume),
-                                       preset=self.args.preset)
-            code = defend_record(run_args, cfg, record, self.record_dir)
-            return {"model": record.model, "exit_code": code}
+            result = defend(self.settings, record, self.record_dir, name=self.name(),
+                            overwrite=bool(self.args.overwrite), resume=bool(self.args.resume))
+            return {"model": result.model, "exit_code": 0}
 
         def defense(self, result_file):
             self.set_result(result_file)
@@ -221,25 +187,28 @@ def defense_class():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from ..run import USER_ERRORS
-
     root = find_checkout()
     if root is None:
         print("defense/pgbd.py must run from a BackdoorBench checkout root (cd into it first)", file=sys.stderr)
         return 2
-    require_checkout(root)
     parser = argparse.ArgumentParser(prog="defense/pgbd.py", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     args = parser.parse_args(list(argv) if argv is not None else None)
-    if not args.result_file:
-        parser.error("--result_file is required (the record folder name under ./record)")
+    setup_logging(False)
     try:
+        require_checkout(root)
+        if args.dry_run:
+            settings = launcher_settings(args)
+            check(settings)
+            print(yaml.safe_dump(settings.saved(), sort_keys=True), end="")
+            return 0
+        if not args.result_file:
+            parser.error("--result_file is required (the record folder name under ./record)")
         with bench_imports(root):
-            cls = defense_class()
-            result = cls(args).defense(args.result_file)
+            result = defense_class()(args).defense(args.result_file)
         return int(result.get("exit_code", 0))
-    except USER_ERRORS as e:
+    except UserError as e:
         log.error("%s", e)
         return 2
 

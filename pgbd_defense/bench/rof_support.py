@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ..data import INFO, load_split
+from ..datasets import INFO, load_split
 
 NAME = "rof"
 MODULE = "utils.aggregate_block.dataset_and_transform_generate"
