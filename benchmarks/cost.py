@@ -184,7 +184,8 @@ def throughput_table(scale: Scale, peak: float) -> List[str]:
         model = build_model("preactresnet18", 10, in_channels=1, width=width)
         gflop = forward_gflop(model, shape)
         rows = [
-            ("eval", "batch 512, no_grad (before)", 1, lambda: eval_rate(model, shape, 512, False, False, scale.seconds)),
+            ("eval", "batch 512, no_grad (before)", 1,
+             lambda: eval_rate(model, shape, 512, False, False, scale.seconds)),
             ("eval", "batch 256, inference_mode", 1, lambda: eval_rate(model, shape, 256, False, True, scale.seconds)),
             ("eval", f"batch {EVAL_BATCH_SIZE}, inference_mode (now)", 1,
              lambda: eval_rate(model, shape, EVAL_BATCH_SIZE, False, True, scale.seconds)),

@@ -39,7 +39,8 @@ def dem(ca_poisoned: float, asr_poisoned: float, ca_defended: float, asr_defende
     0.986
     """
     if ca_poisoned <= 0 or asr_poisoned <= 0:
-        raise ValueError(f"DEM needs a poisoned model with CA > 0 and ASR > 0, got CA={ca_poisoned}, ASR={asr_poisoned}")
+        raise ValueError(f"DEM needs a poisoned model with CA > 0 and ASR > 0, got CA={ca_poisoned}, "
+                         f"ASR={asr_poisoned}")
     d_c = (ca_poisoned - ca_defended) / ca_poisoned
     d_a = (asr_poisoned - asr_defended) / asr_poisoned
     return DEM(delta_c=1 - max(d_c, 0.0), delta_a=max(d_a, 0.0))

@@ -40,7 +40,8 @@ def tiny_data(tmp_path) -> Path:
 
 def needs_fashion_mnist():
     return pytest.mark.skipif(not (FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file(),
-                              reason=f"Fashion-MNIST not installed at {FASHION_MNIST} (apt-get install dataset-fashion-mnist)")
+                              reason=f"Fashion-MNIST not installed at {FASHION_MNIST} "
+                                     "(apt-get install dataset-fashion-mnist)")
 
 
 def needs_fixture():

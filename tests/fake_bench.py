@@ -51,7 +51,8 @@ class _PIL:
 def dataset_and_transform_generate(args):
     train = _PIL(load_split("mnist", args.dataset_path, train=True))
     test = _PIL(load_split("mnist", args.dataset_path, train=False))
-    return train, get_transform(args.dataset, 28, 28, True), None, test, get_transform(args.dataset, 28, 28, False), None
+    train_t, test_t = get_transform(args.dataset, 28, 28, True), get_transform(args.dataset, 28, 28, False)
+    return train, train_t, None, test, test_t, None
 ''',
     "utils/aggregate_block/model_trainer_generate.py": '''
 from pgbd_defense.formats.models import build_model

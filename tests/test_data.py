@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from pgbd_defense import datasets as data_mod
 from pgbd_defense.datasets import DataNotFoundError
-from pgbd_defense.datasets.idx import read_idx
 from pgbd_defense.datasets.batches import Normalizer, random_crop_flip
+from pgbd_defense.datasets.idx import read_idx
 
 from .conftest import needs_fashion_mnist, write_idx
 
@@ -61,3 +61,38 @@ def test_random_crop_matches_a_per_image_crop():
 def test_debian_fashion_mnist_is_found_without_a_root():
     test = data_mod.load_split("fashion-mnist", None, train=False)
     assert test.images.shape == (10000, 1, 28, 28) and test.labels.bincount().tolist() == [1000] * 10
+
+
+# How a test lays out each registered loader's data; CIFAR's torchvision reader verifies the
+# real files' checksums, so only its missing-data answer can be tested offline.
+def _idx_tree(tmp_path):
+    from .conftest import make_idx_dataset
+
+    return make_idx_dataset(tmp_path / "idx")
+
+
+def _rof_tree(tmp_path):
+    from .test_rof import make_rof_tree
+
+    return make_rof_tree(tmp_path / "rof")
+
+
+LAYOUTS = {"mnist": _idx_tree, "fashion-mnist": _idx_tree, "rof": _rof_tree}
+CHECKSUMMED = {"cifar10", "cifar100"}
+
+
+@pytest.mark.parametrize("name", data_mod.DATASETS.names())
+def test_every_registered_loader_reads_its_layout_or_names_the_fix(tmp_path, monkeypatch, name):
+    assert name in LAYOUTS or name in CHECKSUMMED, f"{name}: add its layout to this test"
+    monkeypatch.setenv("PGBD_FASHION_MNIST", str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataNotFoundError, match="--data-root"):
+        data_mod.load_split(name, str(tmp_path / "empty"), train=True)
+    if name in CHECKSUMMED:
+        return
+    root = LAYOUTS[name](tmp_path)
+    info = data_mod.dataset_info(name)
+    for train in (True, False):
+        split = data_mod.load_split(name, str(root), train=train, channels=info.size[2])
+        assert split.images.dtype == torch.uint8 and tuple(split.images.shape[1:]) == (info.size[2], *info.size[:2])
+        assert len(split) > 0 and 0 <= int(split.labels.min()) and int(split.labels.max()) < info.num_classes

@@ -10,9 +10,9 @@ from pgbd_defense.datasets import ImageSet
 from pgbd_defense.datasets.batches import Normalizer, iterate
 from pgbd_defense.defenses.loop import make_optimizer
 from pgbd_defense.defenses.mcl import MCLConfig, MCLMethod, contrastive_loss, features, penultimate
-from pgbd_defense.method.pav_sources import single_target
 from pgbd_defense.formats.models import build_model
 from pgbd_defense.method.inversion import Trigger
+from pgbd_defense.method.pav_sources import single_target
 
 
 def test_contrastive_loss_is_softplus_of_the_cosine_gap_over_tau():

@@ -12,9 +12,9 @@ from pgbd_defense import datasets as data_mod
 from pgbd_defense.datasets.batches import Normalizer
 from pgbd_defense.defenses.loop import LoopConfig, Method, Selection, finetune, split_validation
 from pgbd_defense.defenses.pgbd import PGBDConfig, PGBDMethod
-from pgbd_defense.method.pav_sources import nt_target
 from pgbd_defense.formats.models import build_model
 from pgbd_defense.formats.records import load_defense_result
+from pgbd_defense.method.pav_sources import nt_target
 
 from .test_records import _write
 
@@ -86,7 +86,8 @@ def test_collapse_in_the_first_epoch_returns_the_model_unchanged(tiny_data):
             return super().step(model, x, y, store, opt, epoch + 1)
 
     train, val = split_validation(_tiny(tiny_data), 0.25, seed=0)
-    result = finetune(model, CollapseAtOnce(LoopConfig(epochs=3, lr=1e-3, batch_size=16, **SMALL)), train, NORM, val=val,
+    method = CollapseAtOnce(LoopConfig(epochs=3, lr=1e-3, batch_size=16, **SMALL))
+    result = finetune(model, method, train, NORM, val=val,
                       selection=Selection(val_share=0.25, collapse_patience=1))
     assert result.collapsed and result.selected_epoch == -1 and result.notes
     for k, v in model.state_dict().items():

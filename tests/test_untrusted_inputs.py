@@ -13,7 +13,6 @@ import torch
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pgbd_defense.settings import ConfigError, read_yaml, resolve
 
 from pgbd_defense.datasets import DataNotFoundError
 from pgbd_defense.formats.defense_folder import read_index
@@ -21,6 +20,7 @@ from pgbd_defense.formats.models import ModelMismatchError
 from pgbd_defense.formats.records import RecordError, load_attack_record
 from pgbd_defense.formats.safe_pickle import UnreadableFileError, UnsafeRecordError
 from pgbd_defense.run import main
+from pgbd_defense.settings import ConfigError, read_yaml, resolve
 from pgbd_defense.util.registry import UnknownNameError
 
 from .conftest import make_idx_dataset
@@ -29,7 +29,8 @@ from .test_records import _write
 # Each of these carries a message naming the problem; the CLI turns them into exit code 2.
 CLEAR_ERRORS = (RecordError, UnsafeRecordError, UnreadableFileError, ModelMismatchError, UnknownNameError,
                 DataNotFoundError)
-FUZZ = settings(max_examples=int(os.environ.get("PGBD_FUZZ_EXAMPLES", "30")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(max_examples=int(os.environ.get("PGBD_FUZZ_EXAMPLES", "30")), deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 @pytest.fixture(scope="module")

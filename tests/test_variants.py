@@ -9,7 +9,6 @@ import torch
 
 from pgbd_defense.datasets import ImageSet
 from pgbd_defense.datasets.batches import Normalizer
-from pgbd_defense.method.pav_sources import teacher_pavs
 from pgbd_defense.method.inversion import InversionConfig, Trigger, anomaly_indices, infer_target, invert_trigger
 from pgbd_defense.method.mapping import (
     LinearMap,
@@ -20,6 +19,7 @@ from pgbd_defense.method.mapping import (
     reduce_teacher,
     train_map,
 )
+from pgbd_defense.method.pav_sources import teacher_pavs
 from pgbd_defense.method.prototypes import estimate_prototypes, pure_pavs, shift_pavs
 from pgbd_defense.run import main
 

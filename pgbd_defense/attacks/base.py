@@ -4,6 +4,7 @@ building the poisoned train and test splits as :class:`BackdoorSet`s."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, Tuple
 
 import torch
 
@@ -35,6 +36,10 @@ class Attack:
 
     # Clean-label attacks (SIG) poison only target-class samples and keep their labels.
     clean_label = False
+    # Whether apply_trigger can stamp any image (rof-sunglasses poisons with real photos instead),
+    # and the data sets the attack is meant for (empty: any); tests and checks loop on these.
+    stamps_any_image = True
+    data_sets: ClassVar[Tuple[str, ...]] = ()
 
     def eligible(self, clean: ImageSet) -> torch.Tensor:
         """Indices of the training samples the attack may poison."""

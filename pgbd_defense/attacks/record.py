@@ -67,6 +67,9 @@ class AttackSettings:
         if self.dataset in data_mod.INFO and not 0 <= self.target < data_mod.INFO[self.dataset].num_classes:
             found.append(f"attack_target={self.target} (the {self.dataset} classes are "
                          f"0..{data_mod.INFO[self.dataset].num_classes - 1})")
+        made_for = ATTACKS.get(self.attack).data_sets if self.attack in ATTACKS else ()
+        if made_for and self.dataset not in made_for:
+            found.append(f"the {self.attack} attack is made for {', '.join(made_for)}, not {self.dataset}")
         if self.trigger_image and self.attack != "blended":
             found.append(f"trigger_image is an option of the blended attack, not of {self.attack!r}")
         if self.trigger_image and not Path(self.trigger_image).is_file():

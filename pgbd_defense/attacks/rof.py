@@ -90,6 +90,8 @@ def composite(images: torch.Tensor, overlay: torch.Tensor, top: int, left: int) 
 class TattooAttack(Attack):
     """One overlay on the right cheek (rows 60-80%, columns 62-84% of the face)."""
 
+    data_sets = ("rof",)
+
     overlays: Sequence[str] = ()
 
     def __post_init__(self):
@@ -106,6 +108,8 @@ class TattooAttack(Attack):
 class MaskAttack(Attack):
     """Several mask overlays, one per image, chosen by the image's content (so that the
     same image always gets the same mask)."""
+
+    data_sets = ("rof",)
 
     overlays: Sequence[str] = ()
 
@@ -136,6 +140,9 @@ class SunglassesAttack(Attack):
     """Real sunglasses photos of non-target identities, relabelled to the target. The
     photos are split once (seeded, half and half): the first half poisons training
     (at most ``ratio`` x the training split), the second half is the poisoned test set."""
+
+    stamps_any_image = False
+    data_sets = ("rof",)
 
     data_root: Optional[str] = None
     photos: Optional[ImageSet] = field(default=None, repr=False)

@@ -17,6 +17,7 @@ defense scripts through the launcher
 
 from __future__ import annotations
 
+import importlib
 import runpy
 import sys
 from pathlib import Path
@@ -46,8 +47,6 @@ class PILSplit:
 def install() -> bool:
     """Wrap the checkout's data set functions (on sys.path) once; returns False when the
     checkout has no such module."""
-    import importlib
-
     try:
         mod = importlib.import_module(MODULE)
     except ImportError:

@@ -68,7 +68,8 @@ class ImageSet:
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise ValueError(f"images must be a uint8 N x C x H x W tensor, got {self.images.dtype} {tuple(self.images.shape)}")
+            raise ValueError(f"images must be a uint8 N x C x H x W tensor, got {self.images.dtype} "
+                             f"{tuple(self.images.shape)}")
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
 

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 
 from ..errors import ConfigError
+from ..settings import VARIANT_NAMES
 from ..util.registry import Registry
 from .ftsam import FTSAMConfig, FTSAMMethod
 from .ibau import IBAUConfig, IBAUMethod
@@ -41,14 +42,21 @@ class Defense:
 
 DEFENSES: Registry = Registry("defense")
 
-for _name, _variant in (("pgbd", "pgbd"), ("nt-pgbd", "nt"), ("st-pgbd", "st")):
+for _variant, _name in VARIANT_NAMES.items():  # pgbd, nt-pgbd, st-pgbd: one defense, three variants
     DEFENSES.register(_name)(Defense(PGBDConfig, ("loop", "pgbd"), PGBDMethod, {"variant": _variant}))
-DEFENSES.register("ft")(Defense(LoopConfig, ("loop",), lambda cfg, targets, layer, teacher: Method(cfg)))
-DEFENSES.register("nad")(Defense(NADConfig, ("loop", "nad"), lambda cfg, targets, layer, teacher: NADMethod(cfg)))
-DEFENSES.register("ft-sam")(Defense(FTSAMConfig, ("loop", "ftsam"),
-                                    lambda cfg, targets, layer, teacher: FTSAMMethod(cfg)))
-DEFENSES.register("i-bau")(Defense(IBAUConfig, ("loop", "ibau"), lambda cfg, targets, layer, teacher: IBAUMethod(cfg)))
-DEFENSES.register("mcl")(Defense(MCLConfig, ("loop", "mcl"), lambda cfg, targets, layer, teacher: MCLMethod(cfg, targets)))
+
+
+def _config_only(method_cls):
+    """A baseline's method takes its config alone (no targets, layer or teacher)."""
+    return lambda cfg, targets, layer, teacher: method_cls(cfg)
+
+
+DEFENSES.register("ft")(Defense(LoopConfig, ("loop",), _config_only(Method)))
+DEFENSES.register("nad")(Defense(NADConfig, ("loop", "nad"), _config_only(NADMethod)))
+DEFENSES.register("ft-sam")(Defense(FTSAMConfig, ("loop", "ftsam"), _config_only(FTSAMMethod)))
+DEFENSES.register("i-bau")(Defense(IBAUConfig, ("loop", "ibau"), _config_only(IBAUMethod)))
+DEFENSES.register("mcl")(Defense(MCLConfig, ("loop", "mcl"),  # it inverts the trigger of the record's target
+                                 lambda cfg, targets, layer, teacher: MCLMethod(cfg, targets)))
 
 # The defenses the large-model mapping applies to (pure PAVs).
 MAPPED = ("pgbd", "nt-pgbd")

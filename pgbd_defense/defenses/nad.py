@@ -109,7 +109,8 @@ class NADMethod(Method):
         with torch.no_grad(), capture(self.teacher, self.cfg.layers) as t_store:
             self.teacher(x)
         ce = F.cross_entropy(logits, y)
-        at = sum(b * attention_loss(student[n], t_store[n], self.cfg.p) for n, b in zip(self.cfg.layers, self.cfg.betas))
+        at = sum(b * attention_loss(student[n], t_store[n], self.cfg.p)
+                 for n, b in zip(self.cfg.layers, self.cfg.betas))
         loss = ce + at
         if torch.isfinite(loss):
             apply_update(model, opt, loss, self.cfg.grad_clip)

@@ -123,5 +123,5 @@ def run_cell(cell: Cell, data_root: Optional[str] = None, recompute: bool = Fals
         atomic_write_text(settings_path, json.dumps(wanted, indent=1, default=str) + "\n")
         return {**row, **json.loads(summary_path.read_text()), "status": "ok"}
     logs = sorted((cell.folder / "log").glob("*.log"))
-    return {**row, "status": "failed", "error": error or "no summary written", "seconds": round(time.time() - started, 1),
-            "log": str(logs[-1]) if logs else ""}
+    return {**row, "status": "failed", "error": error or "no summary written",
+            "seconds": round(time.time() - started, 1), "log": str(logs[-1]) if logs else ""}

@@ -13,6 +13,7 @@ Output goes to ``--out`` (default ``<record>/figures``). ``ablation`` and
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 from dataclasses import replace
@@ -112,14 +113,14 @@ def projection_figure(record: AttackRecord, clean: ImageSet, layer: str, target:
     means = estimate_prototypes(acts, clean.labels, record.num_classes).means()
     pca = PCA(n_components=2, random_state=0).fit(acts.double().numpy())
     a2, b2, p2 = (pca.transform(t.double().numpy()) for t in (acts, bd, means))
-    rows = ([{"x": a[0], "y": a[1], "kind": "clean", "label": int(l)} for a, l in zip(a2, clean.labels)]
-            + [{"x": b[0], "y": b[1], "kind": "poisoned", "label": int(l)} for b, l in zip(b2, bd_labels)]
+    rows = ([{"x": a[0], "y": a[1], "kind": "clean", "label": int(y)} for a, y in zip(a2, clean.labels)]
+            + [{"x": b[0], "y": b[1], "kind": "poisoned", "label": int(y)} for b, y in zip(b2, bd_labels)]
             + [{"x": p[0], "y": p[1], "kind": "prototype", "label": c} for c, p in enumerate(p2)])
     paths = {"projection_csv": _write_csv(out / "projection.csv", rows)}
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     cmap = plt.get_cmap("tab10")
-    ax.scatter(a2[:, 0], a2[:, 1], s=4, c=[cmap(int(l) % 10) for l in clean.labels], alpha=0.35)
+    ax.scatter(a2[:, 0], a2[:, 1], s=4, c=[cmap(int(y) % 10) for y in clean.labels], alpha=0.35)
     ax.scatter(b2[:, 0], b2[:, 1], s=10, marker="x", c="black", alpha=0.5, label="poisoned test images")
     for c, p in enumerate(p2):
         ax.scatter(p[0], p[1], s=90, marker="*", color=cmap(c % 10), edgecolor="black", zorder=3)
@@ -137,8 +138,6 @@ def projection_figure(record: AttackRecord, clean: ImageSet, layer: str, target:
 
 def gradcam_figure(record: AttackRecord, defense_dir: Path, out: Path, count: int = 8, layer: Optional[str] = None,
                    device: str = "cpu") -> Dict[str, Path]:
-    import copy
-
 
     normalize = record.normalizer()
     defended = copy.deepcopy(record.model)

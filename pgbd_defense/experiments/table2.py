@@ -87,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", help="comma-separated subset of the preset's attacks (or others)")
     p.add_argument("--defenses", help="comma-separated defenses (default: the preset's)")
     p.add_argument("--out", help="output folder (default out/table2_<preset>)")
-    p.add_argument("--record-root", default="record", help="where attack records go (default ./record, shared with sweep)")
+    p.add_argument("--record-root", default="record",
+                   help="where attack records go (default ./record, shared with sweep)")
     p.add_argument("--data-root")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)

@@ -92,7 +92,8 @@ def _read_poisoned(state: Dict[str, Any], record_dir: Path, channels: int, hw: t
             with Image.open(resolve_png(str(v["path"]), record_dir)) as im:
                 # The header gives the size before any pixel is decoded: refuse a bomb early.
                 if (im.height, im.width) != hw:
-                    raise RecordError(f"{v['path']} is {im.width}x{im.height}, the data set's images are {hw[1]}x{hw[0]}")
+                    raise RecordError(f"{v['path']} is {im.width}x{im.height}, the data set's images are "
+                                      f"{hw[1]}x{hw[0]}")
                 imgs.append(_to_chw(im, channels))
             bd_label, orig_label = v["other_info"][:2]
         else:

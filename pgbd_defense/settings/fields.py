@@ -26,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+from .presets import DEFENSE_OVERRIDES
+
 # The presets: "paper" is the paper's settings (for a GPU), "cpu" finishes in minutes on 2
 # cores, "bench" is "paper" with every baseline exactly as BackdoorBench runs it and the last
 # epoch reported (presets.py gives each defense's changes per preset).
@@ -256,8 +258,6 @@ assert len(FIELDS) == len(FIELD_LIST), "a field is described twice"
 def preset_default(name: str, preset: str = "paper", defense: Optional[str] = None) -> Any:
     """A field's value in a preset, with a defense's changes there (``presets.DEFENSE_OVERRIDES``):
     the defaults of the parts' config classes, so that they are the table's."""
-    from .presets import DEFENSE_OVERRIDES
-
     changed = DEFENSE_OVERRIDES.get(preset, {}).get(defense or "", {})
     value = changed[name] if name in changed else FIELDS[name].value_in(preset)
     return list(value) if isinstance(value, list) else value
