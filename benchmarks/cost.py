@@ -15,7 +15,7 @@ compare within one run even on a noisy machine (run nothing else meanwhile).
    gray, as the Fashion-MNIST records) for evaluation and batch-16 training in the
    settings the package uses and the ones it could use; GFLOP/s counts the
    convolutions' and the linear layer's multiply-adds (x2), training as 3x a forward.
-3. Whole defense: ``run.defend_record`` -- the library path of ``python -m
+3. Whole defense: ``pipeline.defend`` -- the library path of ``python -m
    pgbd_defense.run`` -- for FT and PGBD on one record and one clean subset
    (prototypes, training, held-out selection, the final evaluation), interleaved,
    fastest of ``--repeats``; at width 0.125 (a 5% subset and the full test sets,
@@ -338,7 +338,7 @@ def report_throughput(scale: Scale) -> None:
 
 
 def report_whole(scale: Scale, work: Path, smoke: bool) -> None:
-    print(f"\n## Whole defense (run.defend_record, cpu preset; fastest of {scale.repeats}, FT and PGBD interleaved)")
+    print(f"\n## Whole defense (pipeline.defend, cpu preset; fastest of {scale.repeats}, FT and PGBD interleaved)")
     print("| width | clean subset | test images | epochs | FT s | PGBD s | PGBD / FT | phases (PGBD) |")
     print("|---|---|---|---|---|---|---|---|")
     ratios = {}

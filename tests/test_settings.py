@@ -74,6 +74,18 @@ def examples(tmp_path: Path, preset: str = "cpu") -> dict:
     return out
 
 
+def our_flags(values: dict) -> list:
+    """Values as our command line spells them (booleans as --x / --no-x, lists comma-separated)."""
+    argv = []
+    for name, value in values.items():
+        flag = FIELDS[name].flags[0]
+        if FIELDS[name].type is bool:
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return argv
+
+
 def test_every_field_feeds_an_attribute_of_its_consumer_and_every_attribute_is_fed():
     resolved = resolve("paper", "pgbd")
     for section in SECTIONS:
@@ -100,14 +112,7 @@ def test_config_defaults_are_the_tables_paper_values(defense):
 
 def test_every_flag_reaches_the_settings(tmp_path):
     values = examples(tmp_path)
-    argv = []
-    for name, value in values.items():
-        f = FIELDS[name]
-        if f.type is bool:
-            argv.append(f.flags[0] if value else "--no-" + f.flags[0][2:])
-        else:
-            argv += [f.flags[0], ",".join(map(str, value)) if f.type is list else str(value)]
-    settings = settings_of(build_parser().parse_args(argv))
+    settings = settings_of(build_parser().parse_args(our_flags(values)))
     assert {k: settings[k] for k in values} == values
     assert settings.explicit == set(values)
 
@@ -133,14 +138,7 @@ def test_every_launcher_flag_reaches_the_launchers_settings(tmp_path):
 def test_dry_run_checks_and_prints_the_settings_a_run_would_save(tmp_path, tiny_data, capsys):
     folder, *_ = _write(tmp_path, tiny_data, save_png=False)
     values = examples(tmp_path)
-    argv = ["--record", str(folder), "--dry-run"]
-    for name, value in values.items():
-        f = FIELDS[name]
-        if f.type is bool:
-            argv.append(f.flags[0] if value else "--no-" + f.flags[0][2:])
-        else:
-            argv += [f.flags[0], ",".join(map(str, value)) if f.type is list else str(value)]
-    assert main(argv) == 0
+    assert main(["--record", str(folder), "--dry-run", *our_flags(values)]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert {k: printed[k] for k in values} == values
     assert printed["preset"] == "cpu" and printed["defense"] == "pgbd"
@@ -165,14 +163,7 @@ def test_bench_root_forwards_every_setting(bench, tmp_path, capfd, monkeypatch):
                and n not in ("attack", "dataset", "model")}
     assert refused == {"width", "attack_train_subset", "attack_augment", "trojan_optimize", "overlays"}
     given = {k: v for k, v in values.items() if k not in refused}
-    argv = ["--bench-root", str(bench), "--dry-run", "--no-progress"]
-    for name, value in given.items():
-        f = FIELDS[name]
-        if f.type is bool:
-            argv.append(f.flags[0] if value else "--no-" + f.flags[0][2:])
-        else:
-            argv += [f.flags[0], ",".join(map(str, value)) if f.type is list else str(value)]
-    assert main(argv) == 0
+    assert main(["--bench-root", str(bench), "--dry-run", "--no-progress", *our_flags(given)]) == 0
     out = capfd.readouterr().out
     launcher = yaml.safe_load(out)  # the launcher's own settings (the attack line is a YAML comment)
     to_launcher = {k: v for k, v in given.items() if set(FIELDS[k].uses) - {"attack"} or k in ("model", "dataset")}
@@ -302,3 +293,10 @@ def test_user_errors_share_one_base():
     for cls in (ConfigError, DataNotFoundError, RecordError, UnsafeRecordError, UnreadableFileError):
         assert issubclass(cls, UserError), cls
 
+
+
+def test_docs_settings_md_is_the_table():
+    from pgbd_defense.settings.__main__ import markdown
+
+    assert (REPO / "docs" / "settings.md").read_text() == markdown(), \
+        "regenerate it: python -m pgbd_defense.settings > docs/settings.md"

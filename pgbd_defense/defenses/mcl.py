@@ -18,7 +18,7 @@ It pulls the stamped input's features towards those of its clean version and awa
 the backdoored ones. The loss never reaches the linear head (its gradient stays unset, so
 neither the step nor weight decay moves it): only the feature extractor changes, BatchNorm
 in train mode, as in the release. Its schedule (20 epochs, batch 64, lr 0.1 / 0.01 / 0.001
-from epochs 0 / 1 / 10) is the ``bench`` preset's (config.BENCH_DEFENSES).
+from epochs 0 / 1 / 10) is the ``bench`` preset's (settings/presets.py: BENCH_DEFENSES).
 
 **Rectified features (ours, ``rectify``, on by default).** The release's models (WRN,
 ResNet-18) feed their head post-ReLU, non-negative features, so cos(z, z-) >= 0 and the

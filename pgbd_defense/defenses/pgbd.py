@@ -44,7 +44,7 @@ class PGBDConfig(LoopConfig):
     Attributes (beyond the loop's):
         layer: named module whose output is the activation space (default: last conv).
         lam: weight of the sanitization loss (paper: 10).
-        form: ``cos`` (paper), ``abs_cos`` (release) or ``relu_cos`` (hinge), see ``loss.py``.
+        form: ``cos`` (paper), ``abs_cos`` (release) or ``relu_cos`` (hinge), see ``method/loss.py``.
         reduction: ``sum`` over the batch (release) or ``mean``.
         warmup_epochs: lambda rises linearly from lam/warmup_epochs to lam over these epochs (0: off).
         clusters: k-means clusters per class (paper: 3).

@@ -62,8 +62,10 @@ def primary_section(f: Field) -> str:
 def _kwargs(f: Field, spelling: str) -> Dict[str, Any]:
     kw: Dict[str, Any] = {"dest": f.name, "default": None}
     help_text = f.help + (f" [choices: {', '.join(repr(c) for c in f.choices)}]" if f.choices else "")
-    defaults = "" if f.name in ("data_root",) else f" (paper: {f.default!r}" + \
-        "".join(f", {p}: {v!r}" for p, v in f.presets.items()) + ")"
+    if not f.presets:
+        defaults = f" (default: {f.default!r})"
+    else:
+        defaults = f" (paper: {f.default!r}" + "".join(f", {p}: {v!r}" for p, v in f.presets.items()) + ")"
     kw["help"] = (help_text + defaults).replace("%", "%%")
     if f.type is bool:
         if spelling == "ours":
