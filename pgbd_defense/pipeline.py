@@ -44,12 +44,12 @@ from .formats.defense_folder import (
 from .formats.models import build_model
 from .formats.records import AttackRecord, load_attack_record, write_defense_result
 from .method.mapping import TeacherConfig, cached_backbone_features, features_from_file, parse_source
-from .method.targets import TargetConfig, defended_targets
+from .method.targets import TargetConfig, defended_targets, resolve_targets
 from .metrics import DEM, dem, evaluate
 from .settings import Settings, preset_default
 from .util.atomic import atomic_write_text
 from .util.digest import raw_bytes, update_with_weights
-from .util.hooks import find_layer, last_conv_name
+from .util.hooks import LayerNotFoundError, find_layer, last_conv_name
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +126,13 @@ def check(settings: Settings, defenses: Sequence[str] = (), make_record: bool = 
 
 
 def _layer_problems(settings: Settings, attack: AttackSettings) -> List[str]:
-    """The layers named (PGBD's, NAD's) checked against the model the attack will train."""
+    """The layers named checked against the model the attack will train (built, not trained)."""
     info = data_mod.dataset_info(attack.dataset)
-    model = build_model(attack.model, info.num_classes, info.size[2], attack.width)
+    return layer_problems(settings, build_model(attack.model, info.num_classes, info.size[2], attack.width))
+
+
+def layer_problems(settings: Settings, model: torch.nn.Module) -> List[str]:
+    """The layers the settings name (PGBD's, NAD's) that ``model`` does not have."""
     names = [settings["layer"]] if settings["layer"] else []
     names += list(settings["nad_layers"]) if settings.defense == "nad" else []
     found = []
@@ -226,6 +230,12 @@ def defend(settings: Settings, record: AttackRecord, record_dir: Optional[Path] 
     unless ``overwrite``; ``resume`` continues an interrupted run from its checkpoint."""
     record_dir = Path(record_dir or record.folder)
     name = name or settings.defense
+    # What only the record can tell is checked before anything is written: the layers, the targets.
+    bad = layer_problems(settings, record.model)
+    if bad:
+        raise LayerNotFoundError("; ".join(bad))
+    if settings["target"] != "auto":
+        resolve_targets(settings["target"], record)
     out = prepare_defense_dir(record_dir, name, overwrite)
     file_handler = logging.FileHandler(log_file_path(out))
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
