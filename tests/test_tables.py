@@ -1,5 +1,6 @@
 """Table 2 assembly on fixed inputs, the CI gate, cached cells, and the sweep's helpers."""
 
+import json
 import math
 
 import pandas as pd
@@ -7,101 +8,111 @@ import pytest
 
 import pgbd_defense.experiments.cells as cells_module
 from pgbd_defense.experiments.cells import Cell, run_cell, shared_index
+from pgbd_defense.experiments.stats import paired_vs_best, t_interval
 from pgbd_defense.experiments.sweep import GridError, pareto_front, parse_grid
-from pgbd_defense.experiments.table2 import gate, seeds_table
-from pgbd_defense.experiments.tables import MEAN, dem_bar_chart, ranks, to_latex, to_markdown, wide_table, write_table
+from pgbd_defense.experiments.table2 import Gate, gate
+from pgbd_defense.experiments.tables import (
+    MEAN,
+    dem_bar_chart,
+    paired_markdown,
+    seeded_frame,
+    seeded_latex,
+    seeded_markdown,
+    write_seeded_table,
+)
 
 from .test_records import _write
 
 DEFENSES = ["ft", "pgbd"]
 
 
-def _row(attack, dataset, defense, ca, asr, dem, status="ok"):
-    return {"attack": attack, "dataset": dataset, "defense": defense, "ca_poisoned": 0.9, "asr_poisoned": 1.0,
-            "ca": ca, "asr": asr, "dem": dem, "status": status}
+def _cell(attack, dataset, defense, seed, ca, asr, dem, status="ok", record_seed=0):
+    return {"attack": attack, "dataset": dataset, "defense": defense, "seed": seed, "record_seed": record_seed,
+            "ca_poisoned": 0.9, "asr_poisoned": 1.0, "ca": ca, "asr": asr, "dem": dem, "status": status,
+            "record": f"r_{attack}_{dataset}_{record_seed}", "seconds": 10.0 + seed}
 
 
-ROWS = [_row("badnet", "d1", "ft", 0.80, 0.10, 0.90), _row("badnet", "d1", "pgbd", 0.85, 0.02, 0.96),
-        _row("badnet", "d2", "ft", 0.70, 0.30, 0.70), _row("badnet", "d2", "pgbd", 0.75, 0.04, 0.90),
-        _row("sig", "d1", "ft", 0.88, 0.05, 0.95), _row("sig", "d1", "pgbd", 0.60, 0.01, 0.82)]
+# Two seeds per cell; d2 only for badnet.
+CELLS = pd.DataFrame([
+    _cell("badnet", "d1", "ft", 0, 0.80, 0.10, 0.90), _cell("badnet", "d1", "ft", 1, 0.82, 0.14, 0.88),
+    _cell("badnet", "d1", "pgbd", 0, 0.85, 0.02, 0.96), _cell("badnet", "d1", "pgbd", 1, 0.83, 0.04, 0.94),
+    _cell("badnet", "d2", "ft", 0, 0.70, 0.30, 0.70), _cell("badnet", "d2", "ft", 1, 0.70, 0.30, 0.70),
+    _cell("badnet", "d2", "pgbd", 0, 0.75, 0.04, 0.90), _cell("badnet", "d2", "pgbd", 1, 0.75, 0.04, 0.90),
+    _cell("sig", "d1", "ft", 0, 0.88, 0.05, 0.95), _cell("sig", "d1", "ft", 1, 0.86, 0.07, 0.93),
+    _cell("sig", "d1", "pgbd", 0, 0.60, 0.01, 0.82), _cell("sig", "d1", "pgbd", 1, 0.90, 0.01, 0.99)])
 
 
-def test_wide_table_has_mean_rows_per_attack():
-    df = wide_table(ROWS, DEFENSES)
-    assert list(df.index) == [("badnet", "d1"), ("badnet", "d2"), ("badnet", MEAN), ("sig", "d1"), ("sig", MEAN)]
-    assert df.loc[("badnet", MEAN), ("ft", "ca")] == pytest.approx(0.75)
-    assert df.loc[("badnet", MEAN), ("pgbd", "dem")] == pytest.approx(0.93)
-    assert df.loc[("sig", MEAN), ("No defense", "asr")] == pytest.approx(1.0)
+def test_cells_show_mean_and_std_over_seeds_and_mean_rows_only_for_several_data_sets():
+    df = seeded_frame(CELLS, DEFENSES)
+    assert list(df.index) == [("badnet", "d1"), ("badnet", "d2"), ("badnet", MEAN), ("sig", "d1")]
+    assert df.loc[("badnet", "d1"), ("ft", "ca_mean")] == pytest.approx(0.81)
+    assert df.loc[("badnet", "d1"), ("ft", "ca_std")] == pytest.approx(0.0141421, rel=1e-4)  # sample std
+    assert df.loc[("badnet", MEAN), ("pgbd", "dem_mean")] == pytest.approx(0.925)
+    assert math.isnan(df.loc[("badnet", MEAN), ("pgbd", "dem_std")])
+    md = seeded_markdown(df, DEFENSES)
+    line = next(row for row in md.splitlines() if row.startswith("| badnet | d1"))
+    assert line == ("| badnet | d1 | 90.00 | 100.00 | 81.00 ± 1.41 | 12.00 ± 2.83 | 0.890 ± 0.014 | 84.00 ± 1.41 "
+                    "| 3.00 ± 1.41 | 0.950 ± 0.014 |")
+    assert "**" not in md  # nothing is bold in the main table: the paired table decides
+    assert r"$\pm$" in seeded_latex(df, DEFENSES)
 
 
-def test_a_failed_cell_is_missing_and_its_mean_too():
-    rows = ROWS[:3] + [_row("badnet", "d2", "pgbd", 0.0, 0.0, 0.0, status="failed")]
-    df = wide_table(rows, DEFENSES)
-    assert math.isnan(df.loc[("badnet", "d2"), ("pgbd", "ca")])
-    assert math.isnan(df.loc[("badnet", MEAN), ("pgbd", "ca")])
+def test_a_failed_replicate_is_left_out_of_its_cell_and_marked():
+    cells = CELLS.copy()
+    cells.loc[(cells["attack"] == "sig") & (cells["defense"] == "pgbd") & (cells["seed"] == 1), "status"] = "failed"
+    df = seeded_frame(cells, DEFENSES)
+    assert df.loc[("sig", "d1"), ("pgbd", "n")] == 1 and df.loc[("sig", "d1"), ("pgbd", "ca_mean")] == 0.60
+    line = next(row for row in seeded_markdown(df, DEFENSES).splitlines() if row.startswith("| sig"))
+    assert "60.00 (n=1)" in line
 
 
-def test_best_is_bold_and_second_underlined_per_metric():
-    df = wide_table(ROWS, ["ft", "pgbd"])
-    row = df.loc[("sig", "d1")]
-    assert ranks(row, DEFENSES, "ca") == {"ft": 1, "pgbd": 2}
-    assert ranks(row, DEFENSES, "asr") == {"pgbd": 1, "ft": 2}  # lower ASR is better
-    md = to_markdown(df, DEFENSES)
-    sig_line = next(line for line in md.splitlines() if line.startswith("| sig | d1"))
-    assert sig_line == ("| sig | d1 | 90.00 | 100.00 | **88.00** | <u>5.00</u> | **0.950** | <u>60.00</u> | **1.00** "
-                        "| <u>0.820</u> |")
-    tex = to_latex(df, DEFENSES)
-    assert r"\textbf{88.00}" in tex and r"\underline{60.00}" in tex and tex.count(r"\midrule") == 3
+def test_t_interval_by_hand():
+    mean, low, high = t_interval([0.1, 0.3, 0.2])
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)  # t_{0.975, 2} * sd / sqrt(n)
+    assert (mean, low, high) == pytest.approx((0.2, 0.2 - half, 0.2 + half))
+    assert math.isnan(t_interval([0.5])[1])
 
 
-def test_ties_share_the_rank():
-    row = pd.Series({("a", "dem"): 0.9, ("b", "dem"): 0.9, ("c", "dem"): 0.5})
-    assert ranks(row, ["a", "b", "c"], "dem") == {"a": 1, "b": 1, "c": 2}
+def test_paired_difference_against_the_best_other_defense():
+    cells = pd.concat([CELLS, pd.DataFrame([
+        _cell("badnet", "d1", "nad", 0, 0.8, 0.5, 0.60), _cell("badnet", "d1", "nad", 1, 0.8, 0.5, 0.60)])])
+    paired = {(p.attack, p.dataset): p for p in paired_vs_best(cells, "pgbd", "dem")}
+    p = paired[("badnet", "d1")]
+    assert p.other == "ft" and p.differences == pytest.approx([0.06, 0.06])  # ft's mean DEM beats nad's
+    assert p.verdict() == "better"  # sd 0: the interval is the point
+    s = paired[("sig", "d1")]
+    assert s.differences == pytest.approx([-0.13, 0.06]) and s.verdict() == "tie"
+    md = paired_markdown(list(paired.values()))
+    assert "| badnet | d1 | ft | +0.060, +0.060 | +0.060 | [+0.060, +0.060] | **pgbd ahead** |" in md
+    assert "| tie |" in md
 
 
 def test_written_files_and_chart(tmp_path):
-    df = wide_table(ROWS, DEFENSES)
-    paths = write_table(df, DEFENSES, tmp_path)
+    df = seeded_frame(CELLS, DEFENSES)
+    paths = write_seeded_table(df, DEFENSES, tmp_path)
     back = pd.read_csv(paths["csv"], index_col=[0, 1])
-    assert back.loc[("badnet", MEAN), "pgbd_dem"] == pytest.approx(0.93)
+    assert back.loc[("badnet", MEAN), "pgbd_dem_mean"] == pytest.approx(0.925)
     png = dem_bar_chart(df, DEFENSES, tmp_path / "dem.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_gate_names_each_failure():
-    rows = [_row("badnet", "d1", "pgbd", 0.85, 0.02, 0.96), _row("sig", "d1", "pgbd", 0.80, 0.20, 0.85)]
-    rows[1]["asr_poisoned"] = 0.7
-    df = wide_table(rows, ["pgbd"])
-    cells = pd.DataFrame([{**r, "status": "ok"} for r in rows] +
-                         [{"attack": "wanet", "dataset": "d1", "defense": "pgbd", "status": "failed",
-                           "error": "boom", "log": "x.log"}])
-    failures = gate(df, cells)
+def test_gate_names_each_failure_and_takes_medians_over_replicates():
+    cells = pd.DataFrame([
+        _cell("blended", "d1", "pgbd", 0, 0.84, 0.119, 0.917), _cell("blended", "d1", "pgbd", 1, 0.84, 0.0002, 0.99),
+        _cell("blended", "d1", "pgbd", 2, 0.84, 0.0, 0.995),
+        _cell("sig", "d1", "pgbd", 0, 0.85, 0.02, 0.99), _cell("sig", "d1", "pgbd", 1, 0.85, 0.30, 0.80),
+        _cell("sig", "d1", "pgbd", 2, 0.85, 0.25, 0.82),
+        {"attack": "wanet", "dataset": "d1", "defense": "pgbd", "status": "failed", "error": "boom", "log": "x.log"}])
+    cells.loc[cells["attack"] == "sig", "asr_poisoned"] = 0.7
+    failures = gate(cells, Gate())
     text = "\n".join(failures)
+    # blended: the median of (0.119, 0.0002, 0) passes; sig: the median of (0.02, 0.30, 0.25) = 0.25 fails
+    assert "blended" not in text
     assert "sig/d1: poisoned model ASR 0.7000 < 0.80" in text
-    assert "sig/d1: pgbd ASR 0.2000 > 0.10" in text
-    assert "pgbd mean DEM 0.9050 < 0.90" not in text  # 0.905 passes
-    assert "wanet/d1 failed: boom (log x.log)" in text
-    assert gate(wide_table(rows[:1], ["pgbd"]), cells.iloc[:1]) == []
-
-
-def test_gate_takes_the_median_over_seeds_and_lists_them():
-    rows = [_row("blended", "d1", "pgbd", 0.84, 0.119, 0.917), _row("sig", "d1", "pgbd", 0.85, 0.02, 0.99)]
-    df = wide_table(rows, ["pgbd"])
-    cells = pd.DataFrame([{**r, "status": "ok"} for r in rows])
-    assert "blended/d1: pgbd ASR 0.1190 > 0.10" in gate(df, cells)
-    repeats = pd.DataFrame([
-        {"attack": "blended", "dataset": "d1", "seed": 1, "asr": 0.0002, "dem": 0.99},
-        {"attack": "blended", "dataset": "d1", "seed": 2, "asr": 0.0, "dem": 0.995},
-        {"attack": "sig", "dataset": "d1", "seed": 1, "asr": 0.30, "dem": 0.80},
-        {"attack": "sig", "dataset": "d1", "seed": 2, "asr": 0.25, "dem": 0.82}])
-    failures = gate(df, cells, repeats=repeats)
-    # blended: median of (0.119, 0.0002, 0) passes; sig: median of (0.02, 0.30, 0.25) = 0.25 fails
-    assert failures[0] == "sig/d1: pgbd median ASR over 3 seeds (0.0200, 0.3000, 0.2500) 0.2500 > 0.10"
-    # mean over attacks of the per-attack median DEM: (0.99 + 0.82) / 2 = 0.905 passes
-    assert len(failures) == 1
-    md = seeds_table(df, repeats)
-    assert "| blended | d1 | 11.90 | 0.02 | 0.00 | 0.02 | 0.990 |" in md
-    assert "| sig | d1 | 2.00 | 30.00 | 25.00 | 25.00 | 0.820 |" in md
+    assert "sig/d1: pgbd median ASR over 3 replicates (0.0200, 0.3000, 0.2500) 0.2500 > 0.1000" in text
+    assert "wanet on wanet/d1 failed" not in text and "cell pgbd on wanet/d1 failed: boom (log x.log)" in text
+    assert "mean DEM" not in text  # (0.99 + 0.82) / 2 = 0.905 passes
+    assert gate(cells[cells["attack"] == "blended"], Gate(max_asr={"blended": 0.0001})) != []
 
 
 def test_finished_cells_are_read_not_rerun(tmp_path, tiny_data, monkeypatch):
@@ -157,3 +168,34 @@ def test_grid_parsing_and_errors():
 def test_pareto_front_keeps_only_undominated_points():
     pts = [(0.5, 0.9), (0.1, 0.8), (0.2, 0.7), (0.05, 0.6), (0.1, 0.85)]
     assert pareto_front(pts) == [(0.05, 0.6), (0.1, 0.85), (0.5, 0.9)]
+
+
+def test_table2_runs_every_defense_on_every_replicate_and_writes_both_tables(tmp_path, tiny_data, monkeypatch):
+    """The command end to end on tiny generated data: two clean-subset seeds, a paired table,
+    provenance, a gate that passes or names what fails."""
+    import pgbd_defense.experiments.table2 as table2
+    from pgbd_defense.attacks.record import AttackSettings
+
+    tiny = table2.TablePreset(
+        datasets=["mnist"], attacks=["badnet"], defenses=["ft", "pgbd"], pratio=0.3,
+        attack=AttackSettings(width=0.0625, epochs=8, lr=0.05, batch_size=16, augment=False),
+        defense_settings={"epochs": 1, "batch_size": 16}, ratio=0.5, forced=["tiny generated data"])
+    monkeypatch.setitem(table2.PRESETS, "tiny", tiny)
+    monkeypatch.setitem(table2.GATES, ("tiny", "equal-budget", 0.3), table2.Gate(min_poisoned_asr=0.0,
+                                                                                   default_max_asr=1.0,
+                                                                                   min_mean_dem=0.0))
+    out = tmp_path / "out"
+    argv = ["--preset", "tiny", "--protocol", "equal-budget", "--seeds", "0,1", "--data-root", str(tiny_data),
+            "--record-root", str(tmp_path / "rec"), "--out", str(out), "--no-progress", "--check"]
+    assert table2.main(argv) == 0
+    cells = pd.read_csv(out / "cells.csv")
+    assert len(cells) == 1 + 2 * 2 and set(cells["status"]) == {"ok"}
+    assert sorted(cells[cells["defense"] == "pgbd"]["seed"]) == [0, 1]
+    md = (out / "table2.md").read_text()
+    assert "equal-budget protocol, 30% poisoning" in md and "tiny generated data" in md and "commit" in md
+    assert "± " in md and "PGBD minus the best other defense" in md and "Seconds per cell" in md
+    assert (out / "paired.md").read_text().count("| badnet | mnist | ft |") == 1
+    facts = json.loads((out / "run.json").read_text())
+    assert facts["seeds"] == [0, 1] and facts["protocol"] == "equal-budget" and facts["torch"]
+    # The paper protocol has no gate for this setting: asked for, it says which settings have one.
+    assert table2.main([*argv[:2], "--protocol", "paper", *argv[4:]]) == 2

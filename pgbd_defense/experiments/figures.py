@@ -16,7 +16,6 @@ import argparse
 import copy
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -35,6 +34,10 @@ from ..util.logs import setup_logging
 from .cells import Cell, ensure_record, run_cell, shared_index
 from .gradcam import grad_cam
 from .table2 import PRESETS as TABLE_PRESETS
+from .table2 import PROTOCOLS
+
+# The figures' cells: the ci scale, every defense on the equal budget (the cpu preset).
+PROTOCOL = "equal-budget"
 
 log = logging.getLogger("pgbd_defense.figures")
 
@@ -199,18 +202,17 @@ def _cells_for(param: str, values: Sequence[float], record: Optional[Path], args
     cells = []
     for v in values:
         if param == "poison-ratio":
-            settings = replace(preset.attack, attack=args.attack, dataset=args.dataset, pratio=v, seed=args.seed,
-                               **preset.per_attack.get(args.attack, {}))
+            settings = preset.attack_settings(args.attack, args.dataset, v, PROTOCOL, args.seed)
             rec = ensure_record(settings, Path(args.record_root), args.data_root, args.device)
             index = shared_index(rec, preset.ratio, args.seed, args.data_root)
-            cells.append((v, Cell(rec, "pgbd", {**base, "index": str(index)}, preset=preset.run_preset)))
+            cells.append((v, Cell(rec, "pgbd", {**base, "index": str(index)}, preset=PROTOCOLS[PROTOCOL].preset)))
             continue
         extra = {PARAMS[param]: float(v)}
         if param == "alpha":  # alpha blends re-estimated prototypes: it needs re-estimation to matter
             extra["update_gap"] = 1
         if param != "clean-ratio":
             extra["index"] = str(shared_index(record, preset.ratio, args.seed, args.data_root))
-        cells.append((v, Cell(record, "pgbd", {**base, **extra}, preset=preset.run_preset)))
+        cells.append((v, Cell(record, "pgbd", {**base, **extra}, preset=PROTOCOLS[PROTOCOL].preset)))
     return cells
 
 
@@ -246,7 +248,7 @@ def mapping_figure(record: Path, teacher: str, out: Path, args) -> Dict[str, Pat
         mapped = {"mapping": teacher, **({"teacher_input_size": args.teacher_input_size}
                                          if args.teacher_input_size else {})}
         for label, extra in (("without mapping", {}), ("with mapping", mapped)):
-            cell = Cell(record, defense, {**base, **extra}, preset=preset.run_preset)
+            cell = Cell(record, defense, {**base, **extra}, preset=PROTOCOLS[PROTOCOL].preset)
             r = run_cell(cell, args.data_root, args.recompute, args.device)
             rows.append({"defense": defense, "setting": label, "status": r["status"], "ca": r.get("ca"),
                          "asr": r.get("asr"), "delta_c": r.get("delta_c"), "delta_a": r.get("delta_a"),

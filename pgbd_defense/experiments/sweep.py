@@ -18,7 +18,6 @@ import itertools
 import logging
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -31,7 +30,7 @@ from ..util.atomic import atomic_path
 from ..util.logs import setup_logging
 from ..util.progress import progress, quiet
 from .cells import Cell, add_cell_arguments, ensure_record, run_cell, shared_index
-from .table2 import PRESETS
+from .table2 import PRESETS, PROTOCOLS
 
 log = logging.getLogger("pgbd_defense.sweep")
 
@@ -117,7 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", default="badnet,blended,sig,wanet")
     p.add_argument("--records", help="comma-separated record folders instead of making records")
     p.add_argument("--table-preset", default="ci", choices=sorted(PRESETS),
-                   help="how records are made and which run preset the cells start from")
+                   help="how records are made (Table 2's presets)")
+    p.add_argument("--protocol", default="equal-budget", choices=sorted(PROTOCOLS),
+                   help="the settings every cell starts from before the grid's (Table 2's protocols)")
+    p.add_argument("--pratio", type=float, help="poisoning rate of the records (default: the table preset's)")
     p.add_argument("--pgbd-grid", default="lr=0.003,0.01,0.03 lambda=1 loss_form=cos,relu_cos")
     p.add_argument("--ft-grid", default="lr=0.003,0.01,0.03")
     p.add_argument("--pgbd-defense", default="pgbd", help="pgbd or nt-pgbd")
@@ -135,14 +137,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.error("%s", e)
         return 2
     preset = PRESETS[args.table_preset]
+    pratio = args.pratio if args.pratio is not None else preset.pratio
     dataset = preset.datasets[0]
     if args.records:
         records = [(Path(r).name, Path(r)) for r in args.records.split(",") if r]
     else:
         records = []
         for attack in [a for a in args.attacks.split(",") if a]:
-            settings = replace(preset.attack, attack=attack, dataset=dataset, seed=args.seed,
-                               **preset.per_attack.get(attack, {}))
+            settings = preset.attack_settings(attack, dataset, pratio, args.protocol, args.seed)
             records.append((attack, ensure_record(settings, Path(args.record_root), args.data_root,
                                                   args.device)))
     jobs = [(attack, record, defense, point) for attack, record in records
@@ -157,7 +159,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             bar.set_description_str(f"{attack}: {point_label(defense, point)}")
             index = shared_index(record, preset.ratio, args.seed, args.data_root)
             cell = Cell(record, defense, {"index": str(index), "random_seed": args.seed, **preset.defense_settings,
-                                          **point}, preset=preset.run_preset)
+                                          **point}, preset=PROTOCOLS[args.protocol].preset)
             result = run_cell(cell, args.data_root, args.recompute, args.device)
             rows.append({**{k: result.get(k) for k in ("status", "ca", "asr", "ra", "dem", "ca_poisoned",
                                                        "asr_poisoned", "selected_epoch", "epochs_run", "collapsed",

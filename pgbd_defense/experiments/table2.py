@@ -1,101 +1,221 @@
-"""Reproduce the paper's Table 2 for a setting: every attack x data set, then every
-defense on each record with the same clean subset, in one command.
+"""The paper's Table 2 for a setting: every attack x data set, then every defense on each
+record with the same clean subsets, in one command, under one of two protocols.
 
-    python -m pgbd_defense.table2 --preset ci
-    python -m pgbd_defense.table2 --preset paper --data-root ~/data --device cuda
-    python -m pgbd_defense.table2 --preset ci --attacks badnet,sig --defenses ft,pgbd --check
+    python -m pgbd_defense.table2 --preset ci --protocol paper --pratio 0.01 --seeds 0,1,2
+    python -m pgbd_defense.table2 --preset ci --protocol equal-budget --seeds 0,1,2
+    python -m pgbd_defense.table2 --preset paper --protocol paper --data-root ~/data --device cuda
+    python -m pgbd_defense.table2 --preset ci --protocol paper --pratio 0.01 --defenses ft,pgbd --check
 
-Finished cells are cached (rerunning resumes; ``--recompute`` reruns them). Writes
-``table2.csv``, ``table2.md``, ``table2.tex``, ``dem.png`` and ``cells.csv`` (one row
-per cell: status, seconds, log) to ``--out``. ``--check`` applies the CI gate and
-exits 1 when it fails.
+Protocols (the defenses' settings; ``docs/settings.md`` has every value):
 
-One seed's ASR is a noisy statistic: on the ci preset's Blended record, PGBD left 11.9%
-with the clean subset of seed 0 and 0.02% and 0.00% with those of seeds 1 and 2. So the
-gate judges the gated defense by its median over ``--gate-seeds`` clean subsets (the
-extra cells are listed, with every seed's numbers, under the table); the table itself
-stays one seed for every defense, so its columns are compared on equal terms.
+- ``paper``: each baseline at its published settings (BackdoorBench f02e3534's own, as its
+  scripts run them; MCL at its release's), PGBD at the paper's (cos, lambda 10 summed over
+  the batch, SGD lr 1e-4 constant, 35 epochs, batch 16, BatchNorm frozen, prototypes
+  re-estimated every 5 epochs with alpha 0.75); the whole clean subset trained and the last
+  epoch reported, as the benchmark does (the ``bench`` preset).
+- ``equal-budget``: every defense on one tuned budget (SGD lr 0.02 cosine, batch 16, 5
+  epochs; I-BAU Adam 1e-3) and the epoch with the best held-out clean accuracy returned
+  (the ``cpu`` preset): a question the paper does not ask.
+
+Presets (the data, model and attack budget): ``ci`` (Fashion-MNIST on a 2-core CPU: what it
+changes from the paper is printed in the table's header) and ``paper`` (CIFAR-10/100, for
+a GPU).
+
+Every defense runs on every replicate: each record seed (``--attack-seeds``) times each
+clean-subset seed (``--seeds``). Cells show mean +- std over the replicates; a second table
+gives, per attack, PGBD minus the best other defense per replicate and its 95% t interval
+(``stats.py``). Finished cells are cached (rerunning resumes; ``--recompute`` reruns them).
+Writes ``table2.md`` (provenance, both tables, seconds per cell), ``table2.csv``,
+``table2.tex``, ``paired.md``, ``dem.png``, ``cells.csv`` (one row per cell: status,
+seconds, log) and ``run.json`` to ``--out``. ``--check`` applies the CI gate of the setting
+and exits 1 when it fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import logging
+import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
+import torch
 
+from .. import __version__
 from ..attacks.record import AttackSettings
 from ..errors import ConfigError, UserError
 from ..util.atomic import atomic_path, atomic_write_text
 from ..util.logs import setup_logging
 from ..util.progress import progress, quiet
 from .cells import Cell, ensure_record, run_cell, shared_index
-from .tables import MEAN, dem_bar_chart, wide_table, write_table
+from .stats import ok_cells, paired_vs_best
+from .tables import dem_bar_chart, paired_markdown, seeded_frame, seeded_markdown, write_seeded_table
 
 log = logging.getLogger("pgbd_defense.table2")
 
 
+@dataclass(frozen=True)
+class Protocol:
+    preset: str  # the run preset every cell starts from
+    note: str
+
+
+PROTOCOLS: Dict[str, Protocol] = {
+    "paper": Protocol("bench", "each baseline at its published settings (BackdoorBench f02e3534's, MCL's release), "
+                               "PGBD at the paper's; the whole clean subset trained, the last epoch reported"),
+    "equal-budget": Protocol("cpu", "every defense on one tuned budget (SGD lr 0.02 cosine, batch 16, 5 epochs; "
+                                    "I-BAU Adam 1e-3), the epoch with the best held-out clean accuracy returned"),
+}
+
+
 @dataclass
 class TablePreset:
+    """The data, model and attack budget of a table.
+
+    ``attack`` is how records are made, changed per data set, per attack and per poisoning
+    rate (``per_pratio``: rate -> changes; ``per_pratio_attack``: (rate, attack) -> changes);
+    ``forced`` says what differs from the paper's setting and why, for the table's header."""
+
     datasets: List[str]
     attacks: List[str]
     defenses: List[str]
     attack: AttackSettings
+    pratio: float
     per_attack: Dict[str, Dict] = field(default_factory=dict)
     per_dataset: Dict[str, Dict] = field(default_factory=dict)
-    run_preset: str = "cpu"
-    defense_settings: Dict[str, object] = field(default_factory=dict)  # on top of run_preset, for every cell
+    per_pratio: Dict[float, Dict] = field(default_factory=dict)
+    per_pratio_attack: Dict[Tuple[float, str], Dict] = field(default_factory=dict)
+    per_protocol: Dict[str, Dict] = field(default_factory=dict)  # protocol -> attack changes (e.g. width)
+    defense_settings: Dict[str, object] = field(default_factory=dict)  # on top of the protocol, every cell
     ratio: float = 0.05
-    note: str = ""
-    gate_seeds: int = 1  # clean-subset seeds the gate's median is taken over (see the module's docstring)
+    forced: List[str] = field(default_factory=list)
+
+    def attack_settings(self, attack: str, dataset: str, pratio: float, protocol: str, seed: int) -> AttackSettings:
+        changes = {**self.per_dataset.get(dataset, {}), **self.per_protocol.get(protocol, {}),
+                   **self.per_pratio.get(pratio, {}), **self.per_attack.get(attack, {}),
+                   **self.per_pratio_attack.get((pratio, attack), {})}
+        return replace(self.attack, attack=attack, dataset=dataset, pratio=pratio, seed=seed, **changes)
 
 
 PRESETS: Dict[str, TablePreset] = {
-    # On a 2-core CPU within the CI budget: Fashion-MNIST, a PreAct-ResNet18 of width 0.125.
+    # On a 2-core CPU: Fashion-MNIST, a narrow PreAct-ResNet18, few attack epochs.
     "ci": TablePreset(
-        datasets=["fashion-mnist"], attacks=["badnet", "blended", "sig", "wanet"],
+        datasets=["fashion-mnist"], attacks=["badnet", "blended", "sig", "wanet", "trojan"],
         defenses=["ft", "nad", "i-bau", "ft-sam", "mcl", "pgbd", "nt-pgbd"],
-        attack=AttackSettings(width=0.125, epochs=3, lr=0.02, augment=False, train_subset=20000),
+        attack=AttackSettings(width=0.125, epochs=3, lr=0.02, augment=False, train_subset=20000), pratio=0.1,
         per_attack={"wanet": {"train_subset": 30000}},
-        run_preset="cpu", gate_seeds=3,
-        note="Fashion-MNIST, PreAct-ResNet18 x0.125, 3 attack epochs; the cpu preset's defenses (5 epochs, "
-             "batch 16) on a 5% clean subset"),
+        # At 1% the backdoors need the whole training split to implant.
+        per_pratio={0.01: {"train_subset": 0}},
+        forced=["Fashion-MNIST (paper: CIFAR-10, GTSRB, Tiny-ImageNet, CIFAR-100)",
+                "PreAct-ResNet18 of width 0.125 (paper: 1)",
+                "the attack trained 3 epochs without augmentation, lr 0.02 (paper: 100 epochs, BackdoorBench's "
+                "prototype config); 10% poisoning on a 20,000-image subset (WaNet 30,000), 1% on all 60,000"]),
     # The paper's setting (Sec. 5): for a GPU. Per cell on one modern GPU, roughly: attack 100 epochs
     # ~30-60 min (CIFAR-10), PGBD 35 epochs ~25 min, baselines 10-60 min each.
     "paper": TablePreset(
         datasets=["cifar10", "cifar100"], attacks=["badnet", "blended", "sig", "wanet", "trojan"],
         defenses=["ft", "nad", "i-bau", "ft-sam", "mcl", "pgbd", "nt-pgbd"],
-        attack=AttackSettings(width=1.0, epochs=100, lr=0.01, augment=True, pratio=0.01),
-        per_dataset={"cifar100": {"pratio": 0.1}},
-        run_preset="paper", defense_settings={"eval_every": 5},
-        note="the paper's attacks, model and hyperparameters; GTSRB and Tiny-ImageNet loaders are not built yet"),
+        attack=AttackSettings(width=1.0, epochs=100, lr=0.01, augment=True), pratio=0.01,
+        per_dataset={"cifar100": {"pratio": 0.1}}, defense_settings={"eval_every": 5},
+        forced=["GTSRB and Tiny-ImageNet loaders are not built yet"]),
 }
+
+
+@dataclass(frozen=True)
+class Gate:
+    """The CI gate of a setting: every cell finished, every poisoned model implanted
+    (ASR >= ``min_poisoned_asr``), and the gated defense's median over the replicates at most
+    ``max_asr`` (per attack; ``default_max_asr`` otherwise), its per-attack median DEM averaged
+    over the attacks at least ``min_mean_dem``. The thresholds come from the committed table's
+    spread (see ``GATES``)."""
+
+    defense: str = "pgbd"
+    default_max_asr: float = 0.10
+    max_asr: Dict[str, float] = field(default_factory=dict)
+    min_mean_dem: float = 0.90
+    min_poisoned_asr: float = 0.80
+    source: str = ""  # where the thresholds come from
+
+
+# (preset, protocol, pratio) -> its gate.
+GATES: Dict[Tuple[str, str, float], Gate] = {
+    # results/table2_ci.md (10%, equal budget): PGBD's per-attack median ASR 1.1-3.0%, mean DEM 0.97.
+    ("ci", "equal-budget", 0.1): Gate(source="results/table2_ci.md"),
+}
+
+
+def gate(cells: pd.DataFrame, spec: Gate) -> List[str]:
+    """What fails the gate (empty: it passes)."""
+    failures = []
+    for _, c in cells[~cells["status"].isin(["ok", "cached"])].iterrows():
+        failures.append(f"cell {c['defense']} on {c['attack']}/{c['dataset']} {c['status']}: "
+                        f"{c.get('error', '')} (log {c.get('log', '')})")
+    done = ok_cells(cells)
+    dems = []
+    for (attack, dataset), part in done.groupby(["attack", "dataset"], sort=False):
+        poisoned = part["asr_poisoned"].min()
+        if poisoned < spec.min_poisoned_asr:
+            failures.append(f"{attack}/{dataset}: poisoned model ASR {poisoned:.4f} < {spec.min_poisoned_asr:.2f}")
+        ours = part[part["defense"] == spec.defense]
+        if ours.empty:
+            continue
+        limit = spec.max_asr.get(attack, spec.default_max_asr)
+        asr = ours["asr"].median()
+        if pd.isna(asr) or asr > limit:
+            each = ", ".join(f"{a:.4f}" for a in ours["asr"])
+            failures.append(f"{attack}/{dataset}: {spec.defense} median ASR over {len(ours)} replicates ({each}) "
+                            f"{asr:.4f} > {limit:.4f}")
+        dems.append(ours["dem"].median())
+    if dems:
+        mean_dem = pd.Series(dems, dtype=float).mean(skipna=False)
+        if pd.isna(mean_dem) or mean_dem < spec.min_mean_dem:
+            failures.append(f"{spec.defense} mean DEM {mean_dem:.4f} < {spec.min_mean_dem:.4f}")
+    return failures
+
+
+def provenance() -> Dict[str, str]:
+    """What a committed table must say about where it was made."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = f"{names[0]} x {len(names)}" if names else cpu
+    return {"commit": commit, "date": datetime.date.today().isoformat(), "machine": cpu,
+            "torch": torch.__version__, "threads": str(torch.get_num_threads()), "pgbd_defense": __version__}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pgbd_defense.table2", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="ci", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="ci", choices=sorted(PRESETS), help="data, model and attack budget")
+    p.add_argument("--protocol", default="equal-budget", choices=sorted(PROTOCOLS), help="the defenses' settings")
+    p.add_argument("--pratio", type=float, help="poisoning rate (default: the preset's)")
     p.add_argument("--datasets", help="comma-separated subset of the preset's data sets")
     p.add_argument("--attacks", help="comma-separated subset of the preset's attacks (or others)")
     p.add_argument("--defenses", help="comma-separated defenses (default: the preset's)")
-    p.add_argument("--out", help="output folder (default out/table2_<preset>)")
+    p.add_argument("--seeds", default="0", help="clean-subset seeds, every defense (default 0)")
+    p.add_argument("--attack-seeds", default="0", help="record seeds: one record per attack and seed (default 0)")
+    p.add_argument("--out", help="output folder (default out/table2_<preset>_<protocol>_<pratio>)")
     p.add_argument("--record-root", default="record",
                    help="where attack records go (default ./record, shared with sweep)")
     p.add_argument("--data-root")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--recompute", action="store_true", help="rerun finished cells")
-    p.add_argument("--check", action="store_true", help="apply the CI gate; exit 1 when it fails")
-    p.add_argument("--gate-seeds", type=int,
-                   help="clean-subset seeds PGBD runs on for the gate's median (default: the preset's; ci: 3)")
+    p.add_argument("--check", action="store_true", help="apply the setting's CI gate; exit 1 when it fails")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (also PGBD_NO_PROGRESS=1)")
     p.add_argument("-v", "--verbose", action="store_true")
     return p
@@ -105,74 +225,14 @@ def _split(value: Optional[str], default: Sequence[str]) -> List[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else list(default)
 
 
-GATED = "pgbd"
-
-
-def _repeats_of(repeats: pd.DataFrame, attack: str, dataset: str) -> pd.DataFrame:
-    return repeats[(repeats["attack"] == attack) & (repeats["dataset"] == dataset)]
-
-
-def _median(values) -> float:
-    """NaN when any value is missing: a failed seed must not vanish from the statistic."""
-    return pd.Series(values, dtype=float).median(skipna=False)
-
-
-def gate(df: pd.DataFrame, cells: pd.DataFrame, defense: str = GATED,
-         repeats: Optional[pd.DataFrame] = None) -> List[str]:
-    """The CI gate of the Table 2 issue; returns what fails (empty: pass).
-
-    ``repeats`` (rows: attack, dataset, seed, asr, dem) holds ``defense`` on further
-    clean-subset seeds; the gate then takes, per attack and data set, the median of
-    the table's seed and those."""
-    failures = []
-    missing = cells[~cells["status"].isin(["ok", "cached"])]
-    for _, c in missing.iterrows():
-        failures.append(f"cell {c['defense']} on {c['attack']}/{c['dataset']} {c['status']}: "
-                        f"{c.get('error', '')} (log {c.get('log', '')})")
-    rows = df[df.index.get_level_values("dataset") != MEAN]
-    dems = []
-    for (attack, dataset), row in rows.iterrows():
-        if pd.isna(row[("No defense", "asr")]) or row[("No defense", "asr")] < 0.8:
-            failures.append(f"{attack}/{dataset}: poisoned model ASR {row[('No defense', 'asr')]:.4f} < 0.80")
-        if (defense, "asr") not in row.index:
-            continue
-        asrs, dem_values = [row[(defense, "asr")]], [row[(defense, "dem")]]
-        if repeats is not None and len(repeats):
-            more = _repeats_of(repeats, attack, dataset)
-            asrs += list(more["asr"])
-            dem_values += list(more["dem"])
-        asr = _median(asrs)
-        dems.append(_median(dem_values))
-        if pd.isna(asr) or asr > 0.10:
-            if len(asrs) == 1:
-                failures.append(f"{attack}/{dataset}: {defense} ASR {asr:.4f} > 0.10")
-            else:
-                each = ", ".join(f"{a:.4f}" for a in asrs)
-                failures.append(f"{attack}/{dataset}: {defense} median ASR over {len(asrs)} seeds "
-                                f"({each}) {asr:.4f} > 0.10")
-    if dems:
-        mean_dem = pd.Series(dems, dtype=float).mean(skipna=False)
-        if pd.isna(mean_dem) or mean_dem < 0.90:
-            failures.append(f"{defense} mean DEM {mean_dem:.4f} < 0.90")
-    return failures
-
-
-def seeds_table(df: pd.DataFrame, repeats: pd.DataFrame, defense: str = GATED, table_seed: int = 0) -> str:
-    """Markdown: the gated defense's ASR/DEM per seed and their medians, per attack."""
-    rows = df[df.index.get_level_values("dataset") != MEAN]
-    seeds = sorted(repeats["seed"].unique())
-    head = ["attack", "dataset", f"seed {table_seed} (table) ASR", *[f"seed {s} ASR" for s in seeds], "median ASR",
-            "median DEM"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (attack, dataset), row in rows.iterrows():
-        more = _repeats_of(repeats, attack, dataset).set_index("seed")
-        asrs = [row[(defense, "asr")], *[more["asr"].get(s, float("nan")) for s in seeds]]
-        dems = [row[(defense, "dem")], *[more["dem"].get(s, float("nan")) for s in seeds]]
-        cells = [f"{100 * a:.2f}" for a in asrs]
-        lines.append("| " + " | ".join([attack, dataset, *cells, f"{100 * _median(asrs):.2f}",
-                                        f"{_median(dems):.3f}"]) + " |")
-    return (f"\n\n{defense} on further clean subsets (the CI gate's statistic: the median per attack; "
-            "ASR in %)\n\n" + "\n".join(lines) + "\n")
+def _seeds(text: str, what: str) -> List[int]:
+    try:
+        seeds = [int(v) for v in _split(text, [])]
+    except ValueError:
+        raise ConfigError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{what} must name at least one seed, each once; got {text!r}")
+    return seeds
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -187,87 +247,125 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _table(args) -> int:
-    preset = PRESETS[args.preset]
+    preset, protocol = PRESETS[args.preset], PROTOCOLS[args.protocol]
+    pratio = args.pratio if args.pratio is not None else preset.pratio
+    if not 0 < pratio <= 1:
+        raise ConfigError(f"--pratio must lie in (0, 1], got {pratio}")
     datasets = _split(args.datasets, preset.datasets)
     attacks = _split(args.attacks, preset.attacks)
     defenses = _split(args.defenses, preset.defenses)
-    out = Path(args.out or f"out/table2_{args.preset}")
-    record_root = Path(args.record_root)
+    seeds, record_seeds = _seeds(args.seeds, "--seeds"), _seeds(args.attack_seeds, "--attack-seeds")
+    spec = GATES.get((args.preset, args.protocol, pratio))
+    if args.check and spec is None:
+        raise ConfigError(f"no CI gate is defined for --preset {args.preset} --protocol {args.protocol} "
+                          f"--pratio {pratio:g}; gated settings: "
+                          + "; ".join(f"{p} {q} {r:g}" for p, q, r in GATES))
+    out = Path(args.out or f"out/table2_{args.preset}_{args.protocol}_{pratio:g}")
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    plan = [(d, a) for d in datasets for a in attacks]
-    gate_seeds = args.gate_seeds if args.gate_seeds is not None else preset.gate_seeds
-    if gate_seeds < 1:
-        raise ConfigError(f"--gate-seeds must be at least 1, not {gate_seeds}")
-    extra_seeds = list(range(args.seed + 1, args.seed + gate_seeds)) if GATED in defenses else []
-    total = len(plan) * (1 + len(defenses) + len(extra_seeds))
+    plan = [(d, a, r) for d in datasets for a in attacks for r in record_seeds]
     rows: List[Dict] = []
-    repeats: List[Dict] = []
     # One bar, cell by cell, with elapsed and remaining time; the cells' own bars would drown it.
-    bar = progress(None, total=total, desc="table2 cells", leave=True)
+    bar = progress(None, total=len(plan) * (1 + len(seeds) * len(defenses)), desc="table2 cells", leave=True)
     with quiet():
-        for dataset, attack in plan:
-            settings = replace(preset.attack, attack=attack, dataset=dataset, seed=args.seed,
-                               **preset.per_dataset.get(dataset, {}), **preset.per_attack.get(attack, {}))
-            _describe(bar, f"{attack}/{dataset}: attack")
+        for dataset, attack, record_seed in plan:
+            where = {"attack": attack, "dataset": dataset, "record_seed": record_seed}
+            settings = preset.attack_settings(attack, dataset, pratio, args.protocol, record_seed)
+            _describe(bar, f"{attack}/{dataset} (record seed {record_seed}): attack")
             t0 = time.time()
             try:
-                record = ensure_record(settings, record_root, args.data_root, args.device)
-                index = shared_index(record, preset.ratio, args.seed, args.data_root)
+                record = ensure_record(settings, Path(args.record_root), args.data_root, args.device)
             except Exception as e:  # a missing data set or broken attack fails its row, not the table
                 log.error("%s/%s: cannot make the record: %s", attack, dataset, e)
-                rows.append({"attack": attack, "dataset": dataset, "defense": "(attack)", "status": "failed",
-                             "error": f"{type(e).__name__}: {e}", "seconds": round(time.time() - t0, 1)})
-                for d in defenses:
-                    rows.append({"attack": attack, "dataset": dataset, "defense": d, "status": "failed",
-                                 "error": "no record"})
-                    bar.update(1)
-                bar.update(1 + len(extra_seeds))
+                rows.append({**where, "defense": "(attack)", "status": "failed", "error": f"{type(e).__name__}: {e}",
+                             "seconds": round(time.time() - t0, 1)})
+                rows += [{**where, "defense": d, "seed": s, "status": "failed", "error": "no record"}
+                         for s in seeds for d in defenses]
+                bar.update(1 + len(seeds) * len(defenses))
                 continue
-            rows.append({"attack": attack, "dataset": dataset, "defense": "(attack)", "status": "ok",
-                         "seconds": round(time.time() - t0, 1), "record": str(record)})
+            rows.append({**where, "defense": "(attack)", "status": "ok", "seconds": round(time.time() - t0, 1),
+                         "record": str(record)})
             bar.update(1)
-            for d in defenses:
-                _describe(bar, f"{attack}/{dataset}: {d}")
-                cell = Cell(record, d, {"index": str(index), "random_seed": args.seed, **preset.defense_settings},
-                            preset=preset.run_preset)
-                result = run_cell(cell, args.data_root, args.recompute, args.device)
-                rows.append({**result, "attack": attack, "dataset": dataset, "defense": d, "seed": args.seed})
-                bar.update(1)
-            for seed in extra_seeds:
-                _describe(bar, f"{attack}/{dataset}: {GATED}, seed {seed}")
-                seed_index = shared_index(record, preset.ratio, seed, args.data_root)
-                cell = Cell(record, GATED, {"index": str(seed_index), "random_seed": seed, **preset.defense_settings},
-                            preset=preset.run_preset)
-                result = run_cell(cell, args.data_root, args.recompute, args.device)
-                repeats.append({**result, "attack": attack, "dataset": dataset, "defense": GATED, "seed": seed})
-                bar.update(1)
+            for seed in seeds:
+                index = shared_index(record, preset.ratio, seed, args.data_root)
+                for d in defenses:
+                    _describe(bar, f"{attack}/{dataset}: {d}, seed {seed}")
+                    cell = Cell(record, d, {"index": str(index), "random_seed": seed, **preset.defense_settings},
+                                preset=protocol.preset)
+                    result = run_cell(cell, args.data_root, args.recompute, args.device)
+                    rows.append({**result, **where, "defense": d, "seed": seed})
+                    bar.update(1)
     bar.close()
-    cells = pd.DataFrame(rows + repeats)
+    cells = pd.DataFrame(rows)
+    for column in ("ca", "asr", "ra", "dem", "ca_poisoned", "asr_poisoned"):  # absent when every cell failed
+        if column not in cells:
+            cells[column] = float("nan")
     with atomic_path(out / "cells.csv") as tmp:
         cells.drop(columns=["environment"], errors="ignore").to_csv(tmp, index=False)
-    df = wide_table([r for r in rows if r["defense"] != "(attack)"], defenses)
-    paths = write_table(df, defenses, out)
-    seeds_df = pd.DataFrame(repeats)
-    for column in ("asr", "dem"):  # a failed cell has neither; the gate already names it
-        if len(seeds_df) and column not in seeds_df:
-            seeds_df[column] = float("nan")
-    if len(seeds_df):
-        atomic_write_text(paths["md"], paths["md"].read_text() + seeds_table(df, seeds_df, table_seed=args.seed))
-    dem_bar_chart(df, defenses, out / "dem.png", title=f"Table 2 ({args.preset} preset): DEM per attack")
-    (out / "run.json").write_text(json.dumps({"preset": args.preset, "datasets": datasets, "attacks": attacks,
-                                              "defenses": defenses, "note": preset.note,
-                                              "gate_seeds": gate_seeds,
-                                              "wall_seconds": round(time.time() - started, 1)}, indent=1) + "\n")
-    print(paths["md"].read_text())
-    print(f"written: {', '.join(str(p) for p in paths.values())}, {out / 'dem.png'}, {out / 'cells.csv'}")
+    df = seeded_frame(cells, defenses)
+    paths = write_seeded_table(df, defenses, out)
+    paired = paired_vs_best(cells, "pgbd", "dem") if "pgbd" in defenses else []
+    facts = {"preset": args.preset, "protocol": args.protocol, "pratio": pratio, "datasets": datasets,
+             "attacks": attacks, "defenses": defenses, "seeds": seeds, "record_seeds": record_seeds,
+             "protocol_note": protocol.note, "forced": preset.forced, "wall_seconds": round(time.time() - started, 1),
+             **provenance()}
+    text = report(facts, df, defenses, paired, cells)
+    atomic_write_text(paths["md"], text)
+    atomic_write_text(out / "paired.md", paired_markdown(paired) if paired else "")
+    dem_bar_chart(df, defenses, out / "dem.png",
+                  title=f"Table 2 ({args.preset}, {args.protocol}, {100 * pratio:g}% poisoning): DEM per attack")
+    atomic_write_text(out / "run.json", json.dumps(facts, indent=1) + "\n")
+    print(text)
+    print(f"written: {', '.join(str(p) for p in paths.values())}, {out / 'paired.md'}, {out / 'dem.png'}, "
+          f"{out / 'cells.csv'}")
     if args.check:
-        failures = gate(df, cells, repeats=seeds_df if len(seeds_df) else None)
+        failures = gate(cells, spec)
         if failures:
             print("CI gate FAILED:\n  " + "\n  ".join(failures))
             return 1
-        print("CI gate passed")
+        print(f"CI gate passed ({spec.source})")
     return 0
+
+
+def seconds_table(cells: pd.DataFrame, defenses: Sequence[str]) -> str:
+    """Wall time per cell, median and range over the replicates, per defense and attack."""
+    done = ok_cells(cells)
+    done = done[done["status"] == "ok"]  # cached cells' seconds are their first run's
+    if done.empty:
+        return "(every cell was read from the cache)\n"
+    lines = ["| defense | " + " | ".join(dict.fromkeys(done["attack"])) + " |",
+             "|---|" + "---|" * done["attack"].nunique()]
+    for d in defenses:
+        part = done[done["defense"] == d]
+        if part.empty:
+            continue
+        cells_text = []
+        for attack in dict.fromkeys(done["attack"]):
+            s = part[part["attack"] == attack]["seconds"]
+            cells_text.append("-" if s.empty else f"{s.median():.0f} ({s.min():.0f}-{s.max():.0f})")
+        lines.append(f"| {d} | " + " | ".join(cells_text) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report(facts: Dict, df: pd.DataFrame, defenses: Sequence[str], paired, cells: pd.DataFrame) -> str:
+    n = len(facts["seeds"]) * len(facts["record_seeds"])
+    head = [f"# Table 2: {facts['preset']} preset, {facts['protocol']} protocol, "
+            f"{100 * facts['pratio']:g}% poisoning",
+            "",
+            f"Protocol: {facts['protocol_note']}.",
+            "What differs from the paper's setting: " + "; ".join(facts["forced"]) + ".",
+            f"Each cell: mean ± std over {n} replicates (clean-subset seeds {facts['seeds']} x record seeds "
+            f"{facts['record_seeds']}); CA and ASR in %, DEM a fraction; '-' a cell that failed.",
+            f"Made by commit {facts['commit']} on {facts['date']}, {facts['machine']}, torch {facts['torch']} "
+            f"({facts['threads']} threads); {facts['wall_seconds'] / 60:.0f} min in all.", ""]
+    body = seeded_markdown(df, defenses)
+    if paired:
+        body += ("\n## PGBD minus the best other defense (DEM), per replicate\n\n"
+                 "Paired over the same replicates; 95% interval: Student's t over the differences "
+                 "(experiments/stats.py). A verdict is bold only where the interval excludes zero.\n\n"
+                 + paired_markdown(paired))
+    body += "\n## Seconds per cell (median, range over replicates)\n\n" + seconds_table(cells, defenses)
+    return "\n".join(head) + body
 
 
 def _describe(bar, text: str) -> None:

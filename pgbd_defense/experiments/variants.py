@@ -28,6 +28,10 @@ from ..util.logs import setup_logging
 from ..util.progress import progress, quiet
 from .cells import Cell, add_cell_arguments, ensure_record, run_cell, shared_index
 from .table2 import PRESETS as TABLE_PRESETS
+from .table2 import PROTOCOLS
+
+# The variants' cells: the ci scale at its poisoning rate, every defense on the equal budget.
+PROTOCOL = "equal-budget"
 
 log = logging.getLogger("pgbd_defense.variants_table")
 
@@ -104,8 +108,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     bar = progress(None, total=len(modes) * (1 + len(variants)), desc="variants cells")
     with quiet():
         for mode in modes:
-            settings = replace(preset.attack, attack=args.attack, dataset=args.dataset, label_mode=mode,
-                               seed=args.seed, **preset.per_attack.get(args.attack, {}))
+            settings = replace(preset.attack_settings(args.attack, args.dataset, preset.pratio, PROTOCOL, args.seed),
+                               label_mode=mode)
             record = ensure_record(settings, Path(args.record_root), args.data_root, args.device)
             index = shared_index(record, preset.ratio, args.seed, args.data_root)
             bar.update(1)
@@ -117,7 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     bar.update(1)
                     continue
                 cell = Cell(record, defense, {"index": str(index), "random_seed": args.seed, **preset.defense_settings,
-                                              **extra}, preset=preset.run_preset, label=label)
+                                              **extra}, preset=PROTOCOLS[PROTOCOL].preset, label=label)
                 result = run_cell(cell, args.data_root, args.recompute, args.device)
                 row = {**result, "mode": mode, "variant": label}
                 row["targets_used"] = _targets_text(row)
