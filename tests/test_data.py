@@ -77,7 +77,57 @@ def _rof_tree(tmp_path):
     return make_rof_tree(tmp_path / "rof")
 
 
-LAYOUTS = {"mnist": _idx_tree, "fashion-mnist": _idx_tree, "rof": _rof_tree}
+def _gtsrb_tree(tmp_path, per_class=2, test=20):
+    """BackdoorBench's GTSRB layout: Train/<class>/GT-<class>.csv and Test/GT-final_test.csv."""
+    from PIL import Image
+
+    root = tmp_path / "gtsrb"
+    header = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId\n"
+    for c in range(43):
+        folder = root / "Train" / f"{c:05d}"
+        folder.mkdir(parents=True)
+        rows = [header]
+        for j in range(per_class):
+            name = f"{c:05d}_{j:05d}.ppm"
+            Image.new("RGB", (30 + j, 34), (c * 5, 100, 200 - c)).save(folder / name)
+            rows.append(f"{name};{30 + j};34;1;1;20;20;{c}\n")
+        (folder / f"GT-{c:05d}.csv").write_text("".join(rows))
+    (root / "Test").mkdir()
+    rows = [header]
+    for i in range(test):
+        Image.new("RGB", (40, 40), (i * 10, 0, 0)).save(root / "Test" / f"{i:05d}.ppm")
+        rows.append(f"{i:05d}.ppm;40;40;1;1;20;20;{(7 * i) % 43}\n")
+    (root / "Test" / "GT-final_test.csv").write_text("".join(rows))
+    return tmp_path
+
+
+def _tiny_tree(tmp_path, wnids=("n02", "n01", "n03"), per_class=3, released_val=True):
+    """Tiny-ImageNet's layout: train/<wnid>/images/*.JPEG, val/images + val_annotations.txt."""
+    from PIL import Image
+
+    root = tmp_path / "tiny-imagenet-200"
+    for k, w in enumerate(wnids):
+        (root / "train" / w / "images").mkdir(parents=True)
+        for j in range(per_class):
+            mode = "L" if j == 0 else "RGB"  # a few Tiny images are gray
+            Image.new(mode, (64, 64), 40 * k + j if mode == "L" else (40 * k, j, 9)).save(
+                root / "train" / w / "images" / f"{w}_{j}.JPEG")
+    lines = []
+    for i, w in enumerate([wnids[i % len(wnids)] for i in range(6)]):
+        if released_val:
+            (root / "val" / "images").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (64, 64), (i, i, i)).save(root / "val" / "images" / f"val_{i}.JPEG")
+            lines.append(f"val_{i}.JPEG\t{w}\t0\t0\t63\t63")
+        else:
+            (root / "val" / w).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (64, 64), (i, i, i)).save(root / "val" / w / f"val_{i}.JPEG")
+    if released_val:
+        (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+LAYOUTS = {"mnist": _idx_tree, "fashion-mnist": _idx_tree, "rof": _rof_tree, "gtsrb": _gtsrb_tree,
+           "tiny": _tiny_tree}
 CHECKSUMMED = {"cifar10", "cifar100"}
 
 
@@ -96,3 +146,28 @@ def test_every_registered_loader_reads_its_layout_or_names_the_fix(tmp_path, mon
         split = data_mod.load_split(name, str(root), train=train, channels=info.size[2])
         assert split.images.dtype == torch.uint8 and tuple(split.images.shape[1:]) == (info.size[2], *info.size[:2])
         assert len(split) > 0 and 0 <= int(split.labels.min()) and int(split.labels.max()) < info.num_classes
+
+
+def test_gtsrb_reads_backdoorbenchs_layout_in_its_order_at_32x32(tmp_path):
+    _gtsrb_tree(tmp_path)
+    train = data_mod.load_split("gtsrb", str(tmp_path), train=True)
+    assert train.images.shape == (86, 3, 32, 32) and train.labels[:4].tolist() == [0, 0, 1, 1]
+    assert train.images[2, 0, 0, 0] == 5  # class 1's colour, resized
+    test = data_mod.load_split("gtsrb", str(tmp_path / "gtsrb"), train=False)
+    assert test.labels.tolist() == [(7 * i) % 43 for i in range(20)]
+
+
+@pytest.mark.parametrize("released_val", [True, False])
+def test_tiny_lists_images_as_torchvisions_imagefolder_does(tmp_path, released_val):
+    from torchvision.datasets import ImageFolder
+
+    _tiny_tree(tmp_path, released_val=released_val)
+    root = tmp_path / "tiny-imagenet-200"
+    train = data_mod.load_split("tiny", str(tmp_path), train=True)
+    folder = ImageFolder(str(root / "train"))
+    assert train.labels.tolist() == folder.targets and train.images.shape == (9, 3, 64, 64)
+    assert folder.classes == ["n01", "n02", "n03"]
+    val = data_mod.load_split("tiny", str(root), train=False)
+    # val_i belongs to wnids[i % 3] = n02, n01, n03, ...: labels 1, 0, 2, grouped by class as ImageFolder would
+    assert val.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert [int(v) for v in val.images[:, 0, 0, 0]] == [1, 4, 0, 3, 2, 5]

@@ -1,4 +1,4 @@
 """Clean data sets: the in-memory split type, the registry of loaders, batching."""
 
-from . import cifar, idx, rof  # noqa: F401  (each registers its loaders)
+from . import cifar, gtsrb, idx, rof, tiny  # noqa: F401  (each registers its loaders)
 from .base import DATASETS, INFO, DataError, DataNotFoundError, DatasetInfo, ImageSet, dataset_info, load_split  # noqa: F401
