@@ -47,6 +47,7 @@ class AttackSettings:
     trigger_image: str = _D("trigger_image")  # Blended: the user's trigger image (default: our generated pattern)
     trojan_optimize: bool = _D("trojan_optimize")  # Trojan: TrojanNN-style patch (False: fixed white watermark)
     overlays: str = _D("overlays")  # rof-tattoo / rof-mask: comma-separated RGBA PNGs instead of our overlays
+    amp: bool = _D("amp")  # bfloat16 autocast while training
     seed: int = _D("random_seed")
 
     def problems(self) -> List[str]:
@@ -99,6 +100,8 @@ def record_name(s: AttackSettings) -> str:
         settings.pop("trojan_optimize")
     if not s.overlays:
         settings.pop("overlays")
+    if not s.amp:  # added later still: full-precision records keep their names
+        settings.pop("amp")
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     return f"{s.attack}_{ratio}_{s.dataset}_{s.model}_{digest}"
 
@@ -126,7 +129,7 @@ def build_attack_record(folder: Path, s: AttackSettings, data_root: Optional[str
     if hasattr(attack, "prepare"):  # attacks that need a trained model to make their trigger (TrojanNN)
         def reference_training(model, images, labels, norm, epochs):
             return train_classifier(model, images, labels, norm, epochs, lr=s.lr, batch_size=s.batch_size,
-                                    augment=False, seed=s.seed, device=device, desc="reference model")
+                                    augment=False, seed=s.seed, device=device, desc="reference model", amp=s.amp)
 
         attack.prepare(train, lambda: build_model(s.model, info.num_classes, channels, s.width), normalize,
                        reference_training, device)
@@ -140,7 +143,7 @@ def build_attack_record(folder: Path, s: AttackSettings, data_root: Optional[str
     torch.manual_seed(s.seed)
     model = build_model(s.model, info.num_classes, channels, s.width)
     train_classifier(model, images, labels, normalize, s.epochs, lr=s.lr, batch_size=s.batch_size,
-                     augment=s.augment, hflip=info.hflip, seed=s.seed, device=device)
+                     augment=s.augment, hflip=info.hflip, seed=s.seed, device=device, amp=s.amp)
     metrics = evaluate(model, test, bd_test, normalize, device=device)
     log.info("backdoored model: CA %.4f ASR %.4f RA %.4f", metrics["test_acc"], metrics["test_asr"], metrics["test_ra"])
     write_attack_record(folder, model=model, model_name=s.model, num_classes=info.num_classes,

@@ -8,14 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from ..datasets.batches import Normalizer, iterate
+from ..util.hooks import mixed_precision
 from ..util.progress import progress
 
 
 def train_classifier(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, normalize: Normalizer,
                      epochs: int, lr: float = 0.01, batch_size: int = 128, weight_decay: float = 5e-4,
                      augment: bool = True, hflip: bool = False, seed: int = 0, device: str = "cpu",
-                     desc: str = "attack training") -> torch.nn.Module:
-    """SGD with momentum 0.9 and a cosine learning-rate schedule (BackdoorBench's attack defaults)."""
+                     desc: str = "attack training", amp: bool = False) -> torch.nn.Module:
+    """SGD with momentum 0.9 and a cosine learning-rate schedule (BackdoorBench's attack defaults);
+    ``amp``: bfloat16 autocast."""
     model.to(device).train()
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
@@ -26,7 +28,8 @@ def train_classifier(model: torch.nn.Module, images: torch.Tensor, labels: torch
                           generator=gen, device=device)
         bar = progress(batches, total=math.ceil(len(labels) / batch_size), desc=f"{desc} {epoch + 1}/{epochs}")
         for x, y, _ in bar:
-            loss = F.cross_entropy(model(x), y)
+            with mixed_precision(amp, device):
+                loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -43,7 +43,7 @@ from .rof_support import install as install_rof
 log = logging.getLogger("pgbd_defense.bench")
 
 # BackdoorBench's common defense options that mean nothing here (accepted for compatibility).
-IGNORED_OPTIONS = {"--num_workers": "data are held in memory", "--amp": "full precision is used"}
+IGNORED_OPTIONS = {"--num_workers": "data are held in memory"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

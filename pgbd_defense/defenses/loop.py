@@ -35,7 +35,7 @@ from ..errors import ConfigError, UserError
 from ..formats.safe_pickle import safe_torch_load
 from ..settings.fields import FIELDS, preset_default
 from ..util.atomic import atomic_torch_save
-from ..util.hooks import eval_mode
+from ..util.hooks import eval_mode, mixed_precision
 from ..util.progress import progress
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,7 @@ class LoopConfig:
         steplr_milestones, steplr_gamma: ``multistep``'s steps (in scheduler steps) and factor.
         amsgrad: Adam's AMSGrad variant (what BackdoorBench's ``adam`` builds).
         adam_betas: Adam's betas.
+        amp: bfloat16 autocast during the updates (``util.hooks.mixed_precision``).
         seed: data order and augmentation.
     """
 
@@ -96,6 +97,7 @@ class LoopConfig:
     steplr_gamma: float = _D("steplr_gamma")
     amsgrad: bool = _D("amsgrad")
     adam_betas: Tuple[float, float] = tuple(_D("adam_betas"))
+    amp: bool = _D("amp")
     seed: int = _D("random_seed")
 
     def problems(self) -> List[str]:
@@ -459,7 +461,8 @@ def _train_epoch(model, method: Method, train, normalize, opt, sched, gen, epoch
     with method.hooks(model) as store:
         for b, (x, y, _) in enumerate(progress(batches, total=n_batches, desc=f"{method.name} epoch "
                                                                              f"{epoch + 1}/{cfg.epochs}")):
-            out = method.step(model, x, y, store, opt, epoch)
+            with mixed_precision(cfg.amp, device):
+                out = method.step(model, x, y, store, opt, epoch)
             loss = out.pop("loss")
             if not torch.isfinite(loss):
                 detail = ", ".join(f"{k} {float(v):.4g}" for k, v in out.items() if k != "logits")

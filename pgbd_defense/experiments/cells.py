@@ -91,8 +91,10 @@ def defaults_fingerprint() -> str:
     """Changes whenever a preset's defense-side values change, so a cached cell made under
     other defaults (same cell settings, different meaning) is recomputed, not reused. The
     attack section only says how the standalone path makes a record, and a cell always runs
-    on a given record (whose name digests its attack settings), so it is left out."""
-    presets = {preset: {name: f.value_in(preset) for name, f in FIELDS.items() if "attack" not in f.uses}
+    on a given record (whose name digests its attack settings), so it is left out; so is a field
+    added later while it keeps its neutral value (``Field.neutral``)."""
+    presets = {preset: {name: f.value_in(preset) for name, f in FIELDS.items()
+                        if "attack" not in f.uses and not (f.neutral is not None and f.value_in(preset) == f.neutral)}
                for preset in PRESET_NAMES}
     text = json.dumps([__version__, presets, DEFENSE_OVERRIDES], sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]

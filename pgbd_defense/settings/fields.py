@@ -58,6 +58,9 @@ class Field:
             attack side inside a checkout; an attack setting without one cannot apply there).
         bench_note: what BackdoorBench itself does with the key, where that matters (YAML keys
             of the benchmark that set this field: ``resolve.YAML_ALIASES``).
+        neutral: for a field added after results were cached, the value that does what the code
+            did before it existed: cached cells stay valid while a preset keeps this value
+            (``experiments.cells.defaults_fingerprint``).
     """
 
     name: str
@@ -74,6 +77,7 @@ class Field:
     bench_flag: str = ""
     attack_flag: str = ""
     bench_note: str = ""
+    neutral: Any = None
 
     @property
     def flags(self) -> Tuple[str, ...]:
@@ -122,6 +126,10 @@ FIELD_LIST = [
        uses={"attack": "train_subset"}),
     _f("attack_augment", bool, True, "random-crop augmentation while training the backdoored model",
        presets={"cpu": False}, uses={"attack": "augment"}),
+    _f("amp", bool, False, "mixed precision: bfloat16 autocast (CPU or CUDA) while training the backdoored model "
+       "and while fine-tuning; evaluation stays in full precision", uses={"attack": "amp", "loop": "amp"},
+       attack_flag="--amp", neutral=False,
+       bench_note="BackdoorBench's YAMLs set amp: True (its ft.py uses it; i-bau and ft-sam never read it)"),
     _f("trigger_image", str, "", "blended: blend this image instead of our generated pattern", path=True,
        attack_flag="--attack_trigger_img_path", uses={"attack": "trigger_image"}),
     _f("trojan_optimize", bool, True,

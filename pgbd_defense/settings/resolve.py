@@ -56,7 +56,6 @@ BETA_KEYS = ("beta1", "beta2", "beta3")
 
 # BackdoorBench keys that mean nothing here: accepted, logged, not used.
 IGNORED_KEYS = {
-    "amp": "full precision is used",
     "pin_memory": "data are held in memory",
     "non_blocking": "data are held in memory",
     "prefetch": "data are held in memory",

@@ -52,6 +52,13 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was_training)
 
 
+def mixed_precision(enabled: bool, device: str):
+    """bfloat16 autocast on the device's type when ``enabled`` (no loss scaling needed), else nothing."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
 @contextlib.contextmanager
 def frozen_weights(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """The model's parameters without gradients inside the block (a search over inputs must
