@@ -23,6 +23,7 @@ from typing import Any, Dict, Optional
 
 from .. import __version__
 from ..attacks.record import AttackSettings, build_attack_record, record_name
+from ..defenses.loop import ResumeMismatchError
 from ..errors import UserError
 from ..formats.records import load_attack_record
 from ..pipeline import defend, draw_clean_subset, load_record
@@ -100,21 +101,41 @@ def defaults_fingerprint() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
+def _wanted(cell: Cell) -> Dict:
+    """What ``cell.json`` holds when the cell's results are the current settings' results."""
+    return json.loads(json.dumps({**cell.identity(), "defaults": defaults_fingerprint()}, default=str))
+
+
+def cell_done(cell: Cell) -> bool:
+    """Whether the cell finished with its current settings (``cell.json`` is written last)."""
+    settings_path = cell.folder / "cell.json"
+    return (cell.folder / "summary.json").is_file() and settings_path.is_file() \
+        and json.loads(settings_path.read_text()) == _wanted(cell)
+
+
 def run_cell(cell: Cell, data_root: Optional[str] = None, recompute: bool = False, device: str = "cpu") -> Dict:
-    """Run (or read) one cell; a failure becomes a row with its reason and log, not an exception."""
+    """Run (or read) one cell; a failure becomes a row with its reason and log (and the
+    cell's ``failed.json``), not an exception. A cell killed mid-run continues from its last
+    finished epoch (its checkpoint) when rerun with the same settings."""
     row = {"record": str(cell.record), "defense": cell.label or cell.defense, "cell": cell.name}
     summary_path = cell.folder / "summary.json"
     settings_path = cell.folder / "cell.json"
-    wanted = {**cell.identity(), "defaults": defaults_fingerprint()}
-    if summary_path.is_file() and not recompute and settings_path.is_file() \
-            and json.loads(settings_path.read_text()) == json.loads(json.dumps(wanted, default=str)):
+    wanted = _wanted(cell)
+    if not recompute and cell_done(cell):
         return {**row, **json.loads(summary_path.read_text()), "status": "cached"}
     started = time.time()
     error = None
+    settings_path.unlink(missing_ok=True)  # results being replaced are not this cell's until it finishes
     try:
         settings = resolve(cell.preset, cell.defense, read_yaml(cell.config),
                            {**cell.settings, "device": device, "data_root": data_root}, source=cell.config or "config")
-        defend(settings, load_record(cell.record, settings), cell.record, name=cell.name, overwrite=True)
+        record = load_record(cell.record, settings)
+        resume = not recompute and (cell.folder / "checkpoint" / "last.pt").is_file()
+        try:
+            defend(settings, record, cell.record, name=cell.name, overwrite=True, resume=resume)
+        except ResumeMismatchError:  # a checkpoint of other settings: start over
+            record = load_record(cell.record, settings)
+            defend(settings, record, cell.record, name=cell.name, overwrite=True)
     except UserError as e:
         error = f"{type(e).__name__}: {e}"
         log.error("cell %s failed: %s", cell.name, error)
@@ -122,8 +143,11 @@ def run_cell(cell: Cell, data_root: Optional[str] = None, recompute: bool = Fals
         error = f"{type(e).__name__}: {e}"
         log.error("cell %s failed:\n%s", cell.name, traceback.format_exc())
     if error is None and summary_path.is_file():
-        atomic_write_text(settings_path, json.dumps(wanted, indent=1, default=str) + "\n")
+        (cell.folder / "failed.json").unlink(missing_ok=True)
+        atomic_write_text(settings_path, json.dumps(wanted, indent=1) + "\n")
         return {**row, **json.loads(summary_path.read_text()), "status": "ok"}
     logs = sorted((cell.folder / "log").glob("*.log"))
-    return {**row, "status": "failed", "error": error or "no summary written",
-            "seconds": round(time.time() - started, 1), "log": str(logs[-1]) if logs else ""}
+    failed = {"status": "failed", "error": error or "no summary written", "seconds": round(time.time() - started, 1),
+              "log": str(logs[-1]) if logs else ""}
+    atomic_write_text(cell.folder / "failed.json", json.dumps(failed, indent=1) + "\n")
+    return {**row, **failed}

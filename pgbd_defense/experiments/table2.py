@@ -54,8 +54,10 @@ from ..attacks.record import AttackSettings
 from ..errors import ConfigError, UserError
 from ..util.atomic import atomic_path, atomic_write_text
 from ..util.logs import setup_logging
-from ..util.progress import progress, quiet
-from .cells import Cell, ensure_record, run_cell, shared_index
+from ..util.progress import quiet
+from .cells import Cell
+from .runner import CellJob, add_executor_arguments, executor_spec, record_folder, state_counts, status_rows
+from .runner import run as runner_run
 from .stats import ok_cells, paired_vs_best
 from .tables import dem_bar_chart, paired_markdown, seeded_frame, seeded_markdown, write_seeded_table
 
@@ -219,8 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--recompute", action="store_true", help="rerun finished cells")
     p.add_argument("--check", action="store_true", help="apply the setting's CI gate; exit 1 when it fails")
+    p.add_argument("--status", action="store_true",
+                   help="say which cells are done, running, failed or queued (from their folders) and stop")
+    p.add_argument("--assemble", action="store_true",
+                   help="write the table from the cells finished so far, running nothing (the rest show as missing)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (also PGBD_NO_PROGRESS=1)")
     p.add_argument("-v", "--verbose", action="store_true")
+    add_executor_arguments(p)
     return p
 
 
@@ -236,6 +243,44 @@ def _seeds(text: str, what: str) -> List[int]:
     if not seeds or len(set(seeds)) != len(seeds):
         raise ConfigError(f"{what} must name at least one seed, each once; got {text!r}")
     return seeds
+
+
+def plan_jobs(preset: TablePreset, protocol: Protocol, args, datasets, attacks, defenses, pratio, seeds,
+              record_seeds) -> List[CellJob]:
+    """Every cell of the table: each record (data set x attack x record seed) times each clean
+    subset seed times each defense, with what it needs made first."""
+    jobs = []
+    for dataset in datasets:
+        for attack in attacks:
+            for record_seed in record_seeds:
+                settings = preset.attack_settings(attack, dataset, pratio, args.protocol, record_seed)
+                record = record_folder(Path(args.record_root), settings)
+                for seed in seeds:
+                    index = record / f"clean_subset_{preset.ratio:g}_{seed}.txt"  # cells.shared_index's file
+                    for d in defenses:
+                        cell = Cell(record, d, {"index": str(index), "random_seed": seed, **preset.defense_settings},
+                                    preset=protocol.preset)
+                        meta = {"attack": attack, "dataset": dataset, "record_seed": record_seed, "seed": seed}
+                        jobs.append(CellJob(cell, settings, (preset.ratio, seed), args.data_root, args.recompute,
+                                            meta))
+    return jobs
+
+
+def attack_rows(jobs: Sequence[CellJob], rows: Sequence[Dict]) -> List[Dict]:
+    """One row per record: made (and how long it took, when this run made it) or failed."""
+    out = {}
+    for job, row in zip(jobs, rows):
+        key = str(job.cell.record)
+        entry = out.setdefault(key, {k: job.meta[k] for k in ("attack", "dataset", "record_seed")})
+        entry.update({"defense": "(attack)", "record": key})
+        if row.get("record_seconds") is not None:
+            entry["seconds"] = row["record_seconds"]
+        if (job.cell.record / "attack_result.pt").is_file():
+            entry["status"] = "ok"
+        else:
+            entry["status"] = "failed"
+            entry.setdefault("error", row.get("error", "not made yet"))
+    return list(out.values())
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -264,41 +309,25 @@ def _table(args) -> int:
                           f"--pratio {pratio:g}; gated settings: "
                           + "; ".join(f"{p} {q} {r:g}" for p, q, r in GATES))
     out = Path(args.out or f"out/table2_{args.preset}_{args.protocol}_{pratio:g}")
+    executor = executor_spec(args, out)  # checked before anything is written
+    jobs = plan_jobs(preset, protocol, args, datasets, attacks, defenses, pratio, seeds, record_seeds)
+    if args.status:
+        rows = status_rows(jobs)
+        counts = state_counts(rows)
+        print(f"{len(jobs)} cells: " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+        for r in rows:
+            if r["status"] == "failed":
+                print(f"  failed: {r['defense']} on {r['attack']}/{r['dataset']} seed {r['seed']}: "
+                      f"{r.get('error', '')} (log {r.get('log', '')})")
+        return 0
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    plan = [(d, a, r) for d in datasets for a in attacks for r in record_seeds]
-    rows: List[Dict] = []
-    # One bar, cell by cell, with elapsed and remaining time; the cells' own bars would drown it.
-    bar = progress(None, total=len(plan) * (1 + len(seeds) * len(defenses)), desc="table2 cells", leave=True)
-    with quiet():
-        for dataset, attack, record_seed in plan:
-            where = {"attack": attack, "dataset": dataset, "record_seed": record_seed}
-            settings = preset.attack_settings(attack, dataset, pratio, args.protocol, record_seed)
-            _describe(bar, f"{attack}/{dataset} (record seed {record_seed}): attack")
-            t0 = time.time()
-            try:
-                record = ensure_record(settings, Path(args.record_root), args.data_root, args.device)
-            except Exception as e:  # a missing data set or broken attack fails its row, not the table
-                log.error("%s/%s: cannot make the record: %s", attack, dataset, e)
-                rows.append({**where, "defense": "(attack)", "status": "failed", "error": f"{type(e).__name__}: {e}",
-                             "seconds": round(time.time() - t0, 1)})
-                rows += [{**where, "defense": d, "seed": s, "status": "failed", "error": "no record"}
-                         for s in seeds for d in defenses]
-                bar.update(1 + len(seeds) * len(defenses))
-                continue
-            rows.append({**where, "defense": "(attack)", "status": "ok", "seconds": round(time.time() - t0, 1),
-                         "record": str(record)})
-            bar.update(1)
-            for seed in seeds:
-                index = shared_index(record, preset.ratio, seed, args.data_root)
-                for d in defenses:
-                    _describe(bar, f"{attack}/{dataset}: {d}, seed {seed}")
-                    cell = Cell(record, d, {"index": str(index), "random_seed": seed, **preset.defense_settings},
-                                preset=protocol.preset)
-                    result = run_cell(cell, args.data_root, args.recompute, args.device)
-                    rows.append({**result, **where, "defense": d, "seed": seed})
-                    bar.update(1)
-    bar.close()
+    rows = status_rows(jobs) if args.assemble else runner_run(jobs, executor, desc="table2 cells")
+    if rows is None:
+        print(f"submitted {len(jobs)} cells (logs in {executor.folder}); follow them with the same command and "
+              "--status, and write the table with --assemble (or rerun it: finished cells are read)")
+        return 0
+    rows = attack_rows(jobs, rows) + rows
     cells = pd.DataFrame(rows)
     for column in ("ca", "asr", "ra", "dem", "ca_poisoned", "asr_poisoned"):  # absent when every cell failed
         if column not in cells:
@@ -361,6 +390,11 @@ def report(facts: Dict, df: pd.DataFrame, defenses: Sequence[str], paired, cells
             f"{facts['record_seeds']}); CA and ASR in %, DEM a fraction; '-' a cell that failed.",
             f"Made by commit {facts['commit']} on {facts['date']}, {facts['machine']}, torch {facts['torch']} "
             f"({facts['threads']} threads); {facts['wall_seconds'] / 60:.0f} min in all.", ""]
+    unfinished = cells[~cells["status"].isin(["ok", "cached"])]
+    if len(unfinished):
+        states = unfinished.groupby("status").size()
+        head[-1:-1] = ["**Not finished: " + ", ".join(f"{n} cells {s}" for s, n in states.items())
+                       + " (cells.csv lists them; they are '-' or left out of their cells' means).**"]
     body = seeded_markdown(df, defenses)
     if paired:
         body += ("\n## PGBD minus the best other defense (DEM), per replicate\n\n"

@@ -15,4 +15,5 @@ def setup_logging(verbose: bool = False) -> None:
         handler._pgbd_console = True
         root.addHandler(handler)
     root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logging.getLogger("filelock").setLevel(logging.WARNING)  # it logs every acquire and release
     logging.captureWarnings(True)

@@ -1,0 +1,149 @@
+"""Grids in parallel: the submitit backend (its local executor, for real), a local pool of
+workers sharing a record, a launch killed mid-cell and relaunched, two launches at once, and
+the errors of a bad executor setting. Every way must give the serial run's table, to the last
+digit (one torch thread per cell everywhere: the thread count changes float rounding)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pgbd_defense.experiments import table2
+
+from . import tiny_table
+
+REPO = Path(__file__).resolve().parents[1]
+NUMBERS = ["ca", "asr", "ra", "dem", "ca_poisoned", "asr_poisoned", "selected_epoch"]
+
+
+@pytest.fixture(autouse=True)
+def tiny_preset(monkeypatch):
+    monkeypatch.setitem(table2.PRESETS, "tiny", None)  # restored after the test
+    monkeypatch.setitem(table2.GATES, ("tiny", "equal-budget", 0.3), None)
+    tiny_table.register()
+
+
+def _argv(data, root, out, *extra):
+    return ["--preset", "tiny", "--protocol", "equal-budget", "--seeds", "0,1", "--data-root", str(data),
+            "--record-root", str(root), "--out", str(out), "--threads", "1", "--no-progress", *extra]
+
+
+def _cells(out) -> pd.DataFrame:
+    cells = pd.read_csv(Path(out) / "cells.csv")
+    cells = cells[cells["defense"] != "(attack)"]
+    return cells.sort_values(["defense", "seed"]).set_index(["defense", "seed"])
+
+
+def _same_numbers(a, b) -> None:
+    x, y = _cells(a), _cells(b)
+    assert list(x.index) == list(y.index) and len(x) == 4
+    pd.testing.assert_frame_equal(x[NUMBERS], y[NUMBERS], check_exact=True)
+    assert (Path(a) / "table2.csv").read_text() == (Path(b) / "table2.csv").read_text()
+
+
+@pytest.fixture
+def serial(tmp_path, tiny_data):
+    """The reference: the tiny grid run serially in this process."""
+    out = tmp_path / "serial"
+    assert table2.main(_argv(tiny_data, tmp_path / "rec_serial", out, "--check")) == 0
+    return out
+
+
+def _launch(tmp_path, data, root, out, *extra, epochs=1):
+    env = {**os.environ, "TINY_EPOCHS": str(epochs), "PGBD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(REPO / "tests" / "tiny_table.py"), *_argv(data, root, out, *extra)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def test_submitit_local_executor_gives_the_serial_table(tmp_path, tiny_data, serial):
+    pytest.importorskip("submitit")
+    out = tmp_path / "submitit"
+    argv = _argv(tiny_data, tmp_path / "rec_submitit", out, "--executor", "slurm", "--slurm-cluster", "local",
+                 "--slurm-time", "10", "--wait")
+    assert table2.main(argv) == 0
+    _same_numbers(serial, out)
+    assert (out / "slurm_logs" / "jobs.json").is_file() and list((out / "slurm_logs").glob("*_log.err"))
+
+
+def test_local_workers_share_one_record_and_give_the_serial_table(tmp_path, tiny_data, serial, capfd):
+    out = tmp_path / "local"
+    assert table2.main(_argv(tiny_data, tmp_path / "rec_local", out, "--executor", "local", "--workers", "2")) == 0
+    _same_numbers(serial, out)
+    assert capfd.readouterr().err.count("making the badnet record") == 1  # two workers, one training
+    assert set(pd.read_csv(out / "cells.csv")["status"]) == {"ok"}
+
+
+def test_a_launch_killed_mid_cell_is_completed_by_the_next_and_loses_nothing(tmp_path, tiny_data):
+    reference = tmp_path / "reference"
+    proc = _launch(tmp_path, tiny_data, tmp_path / "rec_ref", reference, epochs=40)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+    root, out = tmp_path / "rec_killed", tmp_path / "killed"
+    proc = _launch(tmp_path, tiny_data, root, out, epochs=40)
+    # The second cell (pgbd, seed 0) runs after the first finished: kill it after some epochs.
+    deadline = time.time() + 600
+    while not list(root.glob("*/defense/pgbd_*/checkpoint/last.pt")):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    status = subprocess.run([sys.executable, str(REPO / "tests" / "tiny_table.py"),
+                             *_argv(tiny_data, root, out, "--status")], capture_output=True, text=True,
+                            env={**os.environ, "TINY_EPOCHS": "40"})
+    assert "4 cells: 1 done, 0 running, 0 failed, 3 queued" in status.stdout, status.stdout + status.stderr
+    proc = _launch(tmp_path, tiny_data, root, out, epochs=40)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+    cells = _cells(out)
+    assert cells.loc[("ft", 0), "status"] == "cached"  # finished before the kill: read, not rerun
+    assert cells.loc[("pgbd", 0), "status"] == "ok"  # redone, from its checkpoint
+    _same_numbers(reference, out)
+
+
+def test_two_launches_at_once_compute_each_cell_once(tmp_path, tiny_data, serial):
+    root = tmp_path / "rec_shared"
+    procs = [_launch(tmp_path, tiny_data, root, tmp_path / name) for name in ("first", "second")]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read()[-2000:]
+    errs = "".join(p.stderr.read() for p in procs)
+    assert errs.count("making the badnet record") == 1
+    first, second = _cells(tmp_path / "first"), _cells(tmp_path / "second")
+    for key in first.index:  # each cell computed by one launch and read by the other
+        assert {first.loc[key, "status"], second.loc[key, "status"]} == {"ok", "cached"}, key
+    _same_numbers(tmp_path / "first", tmp_path / "second")
+    _same_numbers(serial, tmp_path / "first")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--executor", "local", "--workers", "0"], "workers=0 (must be >= 1)"),
+    (["--executor", "slurm", "--slurm-extra", "account"], "--slurm-extra 'account': write KEY=VALUE"),
+    (["--executor", "local", "--devices", "cuda:0", "--workers", "2"], "at most one worker per device"),
+    (["--executor", "slurm", "--slurm-time", "0"], "slurm_time=0"),
+])
+def test_bad_executor_settings_fail_in_one_line_and_write_nothing(tmp_path, tiny_data, caplog, extra, message):
+    out = tmp_path / "out"
+    assert table2.main(_argv(tiny_data, tmp_path / "rec", out, *extra)) == 2
+    assert message in caplog.text and len(caplog.records) == 1
+    assert not out.exists() and not (tmp_path / "rec").exists()
+
+
+def test_the_missing_extra_is_named(tmp_path, tiny_data, caplog, monkeypatch):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit now fails
+    out = tmp_path / "out"
+    assert table2.main(_argv(tiny_data, tmp_path / "rec", out, "--executor", "slurm")) == 2
+    assert "pip install 'pgbd-defense[cluster]'" in caplog.text and not out.exists()
+
+
+def test_assemble_writes_what_finished_and_marks_the_rest(tmp_path, tiny_data):
+    root = tmp_path / "rec"
+    assert table2.main(_argv(tiny_data, root, tmp_path / "part", "--defenses", "ft")) == 0
+    out = tmp_path / "assembled"
+    assert table2.main(_argv(tiny_data, root, out, "--assemble")) == 0
+    cells = _cells(out)
+    assert set(cells.loc["ft", "status"]) == {"cached"} and set(cells.loc["pgbd", "status"]) == {"queued"}
+    assert "Not finished: 2 cells queued" in (out / "table2.md").read_text()
