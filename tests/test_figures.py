@@ -123,7 +123,7 @@ def test_ablation_and_mapping_commands_write_png_and_csv(tiny_record, tiny_data,
     assert figures(["ablation", "--param", "poison-ratio", "--values", "0.1,0.2", "--dataset", "mnist",
                     "--record-root", str(tmp_path / "records2"), *base]) == 0
     assert len(_csv_rows(out / "ablation_poison-ratio.csv")) == 2
-    assert len(list((tmp_path / "records2").iterdir())) == 2  # one record per poisoning ratio
+    assert len(list((tmp_path / "records2").glob("*/attack_result.pt"))) == 2  # one record per poisoning ratio
     index = (tiny_record / "clean_subset_0.05_0.txt")
     n = len(index.read_text().split())
     feats = tmp_path / "teacher.pt"

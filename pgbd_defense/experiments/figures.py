@@ -31,8 +31,10 @@ from ..pipeline import draw_clean_subset
 from ..util.atomic import atomic_path, atomic_write_csv
 from ..util.hooks import last_conv_name
 from ..util.logs import setup_logging
-from .cells import Cell, ensure_record, run_cell, shared_index
+from .cells import Cell, run_cell, shared_index
 from .gradcam import grad_cam
+from .runner import CellJob, add_executor_arguments, executor_spec, record_folder
+from .runner import run as runner_run
 from .table2 import PRESETS as TABLE_PRESETS
 from .table2 import PROTOCOLS
 
@@ -196,33 +198,41 @@ def gradcam_figure(record: AttackRecord, defense_dir: Path, out: Path, count: in
 PARAMS = {"lambda": "lambda", "alpha": "alpha", "clean-ratio": "ratio", "poison-ratio": None}
 
 
-def _cells_for(param: str, values: Sequence[float], record: Optional[Path], args) -> List[tuple]:
+def _jobs_for(param: str, values: Sequence[float], record: Optional[Path], args) -> List[CellJob]:
+    """One PGBD cell per value; ``poison-ratio`` needs a record per value (made as a job does)."""
     preset = TABLE_PRESETS["ci"]
     base = {"random_seed": args.seed, **preset.defense_settings}
-    cells = []
+    jobs = []
     for v in values:
+        attack = None
+        extra = {}
         if param == "poison-ratio":
-            settings = preset.attack_settings(args.attack, args.dataset, v, PROTOCOL, args.seed)
-            rec = ensure_record(settings, Path(args.record_root), args.data_root, args.device)
-            index = shared_index(rec, preset.ratio, args.seed, args.data_root)
-            cells.append((v, Cell(rec, "pgbd", {**base, "index": str(index)}, preset=PROTOCOLS[PROTOCOL].preset)))
-            continue
-        extra = {PARAMS[param]: float(v)}
-        if param == "alpha":  # alpha blends re-estimated prototypes: it needs re-estimation to matter
-            extra["update_gap"] = 1
+            attack = preset.attack_settings(args.attack, args.dataset, v, PROTOCOL, args.seed)
+            rec = record_folder(Path(args.record_root), attack)
+        else:
+            rec = Path(record)
+            extra[PARAMS[param]] = float(v)
+            if param == "alpha":  # alpha blends re-estimated prototypes: it needs re-estimation to matter
+                extra["update_gap"] = 1
         if param != "clean-ratio":
-            extra["index"] = str(shared_index(record, preset.ratio, args.seed, args.data_root))
-        cells.append((v, Cell(record, "pgbd", {**base, **extra}, preset=PROTOCOLS[PROTOCOL].preset)))
-    return cells
+            extra["index"] = str(rec / f"clean_subset_{preset.ratio:g}_{args.seed}.txt")  # cells.shared_index's
+        cell = Cell(rec, "pgbd", {**base, **extra}, preset=PROTOCOLS[PROTOCOL].preset)
+        index = (preset.ratio, args.seed) if param != "clean-ratio" else None
+        jobs.append(CellJob(cell, attack, index, args.data_root, args.recompute, {"value": v}))
+    return jobs
 
 
 def ablation_figure(param: str, values: Sequence[float], record: Optional[Path], out: Path, args) -> Dict[str, Path]:
+    jobs = _jobs_for(param, values, record, args)
+    results = runner_run(jobs, executor_spec(args, out), desc="ablation cells")
+    if results is None:
+        raise UserError(f"submitted {len(jobs)} cells; rerun the same command (with --wait, or after they finish) "
+                        "to draw the figure")
     rows = []
-    for v, cell in _cells_for(param, values, record, args):
-        r = run_cell(cell, args.data_root, args.recompute, args.device)
-        rows.append({"param": param, "value": v, "status": r["status"], "ca": r.get("ca"), "asr": r.get("asr"),
-                     "dem": r.get("dem"), "ca_poisoned": r.get("ca_poisoned"), "asr_poisoned": r.get("asr_poisoned"),
-                     "seconds": r.get("seconds"), "cell": str(cell.folder)})
+    for job, r in zip(jobs, results):
+        rows.append({"param": param, "value": job.meta["value"], "status": r["status"], "ca": r.get("ca"),
+                     "asr": r.get("asr"), "dem": r.get("dem"), "ca_poisoned": r.get("ca_poisoned"),
+                     "asr_poisoned": r.get("asr_poisoned"), "seconds": r.get("seconds"), "cell": str(job.cell.folder)})
     paths = {"csv": _write_csv(out / f"ablation_{param}.csv", rows)}
     ok = [r for r in rows if r["status"] in ("ok", "cached")]
     plt = _plt()
@@ -304,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dataset", default="fashion-mnist")
     b.add_argument("--record-root", default="record")
     b.add_argument("--recompute", action="store_true")
+    add_executor_arguments(b)
     m = sub.add_parser("mapping", help="with vs without the large-model mapping: delta_C / delta_A bars")
     common(m)
     m.add_argument("--teacher", required=True, help="a features file or torchvision:NAME:WEIGHTS_FILE")

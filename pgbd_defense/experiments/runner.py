@@ -72,11 +72,13 @@ def _lock(path: Path) -> filelock.FileLock:
 
 
 def record_lock(record: Path) -> filelock.FileLock:
-    return _lock(Path(record).parent / f".{Path(record).name}.lock")
+    """Held while the record (and its clean-subset index files) are made: ``<root>/.locks/``."""
+    return _lock(Path(record).parent / ".locks" / f"{Path(record).name}.lock")
 
 
 def cell_lock(cell: Cell) -> filelock.FileLock:
-    return _lock(cell.folder.parent / f".{cell.name}.lock")
+    """Held while the cell runs: ``<record>/defense/.locks/``."""
+    return _lock(cell.folder.parent / ".locks" / f"{cell.name}.lock")
 
 
 def execute(job: CellJob, device: str = "cpu", threads: Optional[int] = None) -> Dict[str, Any]:

@@ -23,13 +23,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
 
-from ..errors import ConfigError
+from ..errors import ConfigError, UserError
 from ..settings import FIELDS
 from ..settings.cli import parse_bool
 from ..util.atomic import atomic_path
 from ..util.logs import setup_logging
-from ..util.progress import progress, quiet
-from .cells import Cell, add_cell_arguments, ensure_record, run_cell, shared_index
+from .cells import Cell, add_cell_arguments
+from .runner import CellJob, add_executor_arguments, executor_spec, record_folder
+from .runner import run as runner_run
 from .table2 import PRESETS, PROTOCOLS
 
 log = logging.getLogger("pgbd_defense.sweep")
@@ -124,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ft-grid", default="lr=0.003,0.01,0.03")
     p.add_argument("--pgbd-defense", default="pgbd", help="pgbd or nt-pgbd")
     add_cell_arguments(p, "out/sweep")
+    add_executor_arguments(p)
     return p
 
 
@@ -139,35 +141,40 @@ def main(argv: Optional[List[str]] = None) -> int:
     preset = PRESETS[args.table_preset]
     pratio = args.pratio if args.pratio is not None else preset.pratio
     dataset = preset.datasets[0]
-    if args.records:
-        records = [(Path(r).name, Path(r)) for r in args.records.split(",") if r]
+    out = Path(args.out)
+    try:
+        executor = executor_spec(args, out)
+    except UserError as e:
+        log.error("%s", e)
+        return 2
+    if args.records:  # given records: nothing to make
+        records = [(Path(r).name, Path(r), None) for r in args.records.split(",") if r]
     else:
         records = []
         for attack in [a for a in args.attacks.split(",") if a]:
             settings = preset.attack_settings(attack, dataset, pratio, args.protocol, args.seed)
-            records.append((attack, ensure_record(settings, Path(args.record_root), args.data_root,
-                                                  args.device)))
-    jobs = [(attack, record, defense, point) for attack, record in records
-            for defense, points in ((args.pgbd_defense, pgbd_points), ("ft", ft_points)) for point in points]
-    out = Path(args.out)
+            records.append((attack, record_folder(Path(args.record_root), settings), settings))
+    jobs = []
+    for attack, record, settings in records:
+        index = record / f"clean_subset_{preset.ratio:g}_{args.seed}.txt"  # cells.shared_index's file
+        for defense, points in ((args.pgbd_defense, pgbd_points), ("ft", ft_points)):
+            for point in points:
+                cell = Cell(record, defense, {"index": str(index), "random_seed": args.seed,
+                                              **preset.defense_settings, **point},
+                            preset=PROTOCOLS[args.protocol].preset)
+                meta = {"attack": attack, "setting": point_label(defense, point), **point}
+                jobs.append(CellJob(cell, settings, (preset.ratio, args.seed), args.data_root, args.recompute, meta))
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
     started = time.time()
-    bar = progress(None, total=len(jobs), desc="sweep runs")
-    with quiet():
-        for attack, record, defense, point in jobs:
-            bar.set_description_str(f"{attack}: {point_label(defense, point)}")
-            index = shared_index(record, preset.ratio, args.seed, args.data_root)
-            cell = Cell(record, defense, {"index": str(index), "random_seed": args.seed, **preset.defense_settings,
-                                          **point}, preset=PROTOCOLS[args.protocol].preset)
-            result = run_cell(cell, args.data_root, args.recompute, args.device)
-            rows.append({**{k: result.get(k) for k in ("status", "ca", "asr", "ra", "dem", "ca_poisoned",
-                                                       "asr_poisoned", "selected_epoch", "epochs_run", "collapsed",
-                                                       "val_acc_selected", "seconds", "error", "log")},
-                         "attack": attack, "defense": defense, "setting": point_label(defense, point), **point,
-                         "cell": str(cell.folder)})
-            bar.update(1)
-    bar.close()
+    results = runner_run(jobs, executor, desc="sweep runs")
+    if results is None:
+        print(f"submitted {len(jobs)} runs (logs in {executor.folder}); rerun the same command to collect them")
+        return 0
+    rows = [{**{k: result.get(k) for k in ("status", "ca", "asr", "ra", "dem", "ca_poisoned", "asr_poisoned",
+                                           "selected_epoch", "epochs_run", "collapsed", "val_acc_selected",
+                                           "seconds", "error", "log")},
+             **job.meta, "defense": job.cell.defense, "cell": str(job.cell.folder)}
+            for job, result in zip(jobs, results)]
     runs = pd.DataFrame(rows)
     with atomic_path(out / "sweep.csv") as tmp:
         runs.to_csv(tmp, index=False)

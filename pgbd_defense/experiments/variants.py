@@ -23,10 +23,12 @@ from typing import Dict, List, Optional
 
 import pandas as pd
 
+from ..errors import UserError
 from ..util.atomic import atomic_path, atomic_write_text
 from ..util.logs import setup_logging
-from ..util.progress import progress, quiet
-from .cells import Cell, add_cell_arguments, ensure_record, run_cell, shared_index
+from .cells import Cell, add_cell_arguments
+from .runner import CellJob, add_executor_arguments, executor_spec, record_folder
+from .runner import run as runner_run
 from .table2 import PRESETS as TABLE_PRESETS
 from .table2 import PROTOCOLS
 
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", default="all2one,all2all", help="label modes of the attack")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {', '.join(VARIANTS)}")
     add_cell_arguments(p, "out/variants")
+    add_executor_arguments(p)
     return p
 
 
@@ -103,39 +106,49 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     preset = TABLE_PRESETS["ci"]
     out = Path(args.out)
+    try:
+        executor = executor_spec(args, out)
+    except UserError as e:
+        log.error("%s", e)
+        return 2
+    jobs: List[CellJob] = []
+    skipped: List[Dict] = []
+    for mode in modes:
+        settings = replace(preset.attack_settings(args.attack, args.dataset, preset.pratio, PROTOCOL, args.seed),
+                           label_mode=mode)
+        record = record_folder(Path(args.record_root), settings)
+        index = record / f"clean_subset_{preset.ratio:g}_{args.seed}.txt"  # cells.shared_index's file
+        for label in variants:
+            defense, extra = VARIANTS[label]
+            if label == "st-pgbd" and mode == "all2all":
+                skipped.append({"mode": mode, "variant": label, "status": "n/a",
+                                "note": "not applicable: ST-PGBD synthesizes one target's trigger"})
+                continue
+            cell = Cell(record, defense, {"index": str(index), "random_seed": args.seed, **preset.defense_settings,
+                                          **extra}, preset=PROTOCOLS[PROTOCOL].preset, label=label)
+            jobs.append(CellJob(cell, settings, (preset.ratio, args.seed), args.data_root, args.recompute,
+                                {"mode": mode, "variant": label}))
     out.mkdir(parents=True, exist_ok=True)
-    rows: List[Dict] = []
-    bar = progress(None, total=len(modes) * (1 + len(variants)), desc="variants cells")
-    with quiet():
-        for mode in modes:
-            settings = replace(preset.attack_settings(args.attack, args.dataset, preset.pratio, PROTOCOL, args.seed),
-                               label_mode=mode)
-            record = ensure_record(settings, Path(args.record_root), args.data_root, args.device)
-            index = shared_index(record, preset.ratio, args.seed, args.data_root)
-            bar.update(1)
-            for label in variants:
-                defense, extra = VARIANTS[label]
-                if label == "st-pgbd" and mode == "all2all":
-                    rows.append({"mode": mode, "variant": label, "status": "n/a",
-                                 "note": "not applicable: ST-PGBD synthesizes one target's trigger"})
-                    bar.update(1)
-                    continue
-                cell = Cell(record, defense, {"index": str(index), "random_seed": args.seed, **preset.defense_settings,
-                                              **extra}, preset=PROTOCOLS[PROTOCOL].preset, label=label)
-                result = run_cell(cell, args.data_root, args.recompute, args.device)
-                row = {**result, "mode": mode, "variant": label}
-                row["targets_used"] = _targets_text(row)
-                if "target_inference" in result:
-                    inf = result["target_inference"]
-                    row["note"] = f"inferred {inf['target']} ({'flagged' if inf['flagged'] else 'top of ranking'})"
-                if label == "st-pgbd" and "synthesized_trigger" in result:
-                    st = result["synthesized_trigger"]
-                    row["note"] = f"trigger mask L1 {st['mask_l1']:.1f}, flips {100 * st['flip_rate']:.0f}% of D_S"
-                if result["status"] == "failed":
-                    row["note"] = str(result.get("error", ""))
-                rows.append(row)
-                bar.update(1)
-    bar.close()
+    results = runner_run(jobs, executor, desc="variants cells")
+    if results is None:
+        print(f"submitted {len(jobs)} cells (logs in {executor.folder}); rerun the same command to collect them")
+        return 0
+    rows: List[Dict] = list(skipped)
+    for job, result in zip(jobs, results):
+        label = job.meta["variant"]
+        row = {**result, **job.meta}
+        row["targets_used"] = _targets_text(row)
+        if "target_inference" in result:
+            inf = result["target_inference"]
+            row["note"] = f"inferred {inf['target']} ({'flagged' if inf['flagged'] else 'top of ranking'})"
+        if label == "st-pgbd" and "synthesized_trigger" in result:
+            st = result["synthesized_trigger"]
+            row["note"] = f"trigger mask L1 {st['mask_l1']:.1f}, flips {100 * st['flip_rate']:.0f}% of D_S"
+        if result["status"] == "failed":
+            row["note"] = str(result.get("error", ""))
+        rows.append(row)
+    order = {(m, v): i for i, (m, v) in enumerate((m, v) for m in modes for v in variants)}
+    rows.sort(key=lambda r: order[(r["mode"], r["variant"])])
     df = pd.DataFrame(rows)
     keep = [c for c in ("mode", "variant", "status", "ca", "asr", "ra", "dem", "seconds", "ca_poisoned",
                         "asr_poisoned", "targets_used", "note", "record", "cell", "log") if c in df.columns]
