@@ -147,3 +147,16 @@ def test_assemble_writes_what_finished_and_marks_the_rest(tmp_path, tiny_data):
     cells = _cells(out)
     assert set(cells.loc["ft", "status"]) == {"cached"} and set(cells.loc["pgbd", "status"]) == {"queued"}
     assert "Not finished: 2 cells queued" in (out / "table2.md").read_text()
+
+
+def test_plan_counts_the_cells_and_times_them_measured_or_estimated(tmp_path, tiny_data, capsys):
+    root = tmp_path / "rec"
+    assert table2.main(_argv(tiny_data, root, tmp_path / "plan", "--plan")) == 0
+    text = capsys.readouterr().out
+    assert "1 records, 4 cells (0 already finished)" in text and "| ft | 2 | 2 |" in text and "estimated" in text
+    assert not root.exists()  # a plan runs nothing
+    assert table2.main(_argv(tiny_data, root, tmp_path / "part", "--defenses", "ft")) == 0
+    capsys.readouterr()
+    assert table2.main(_argv(tiny_data, root, tmp_path / "plan", "--plan")) == 0
+    text = capsys.readouterr().out
+    assert "| ft | 2 | 0 |" in text and "measured (2 cells)" in text and "| pgbd | 2 | 2 |" in text

@@ -27,17 +27,19 @@ class DatasetInfo:
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
     hflip: bool  # BackdoorBench flips horizontally for cifar10 only
+    splits: Tuple[int, int] = (0, 0)  # train and test images of the public release (0: depends on the copy)
 
 
 # Normalization constants are BackdoorBench's: a model trained there must be
 # fine-tuned and evaluated with exactly these, or its clean accuracy drops.
 INFO = {
-    "cifar10": DatasetInfo(10, (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261), True),
-    "cifar100": DatasetInfo(100, (32, 32, 3), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), False),
-    "gtsrb": DatasetInfo(43, (32, 32, 3), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), False),
-    "tiny": DatasetInfo(200, (64, 64, 3), (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262), False),
-    "mnist": DatasetInfo(10, (28, 28, 1), (0.5,), (0.5,), False),
-    "fashion-mnist": DatasetInfo(10, (28, 28, 1), (0.5,), (0.5,), False),
+    "cifar10": DatasetInfo(10, (32, 32, 3), (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261), True, (50000, 10000)),
+    "cifar100": DatasetInfo(100, (32, 32, 3), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), False,
+                            (50000, 10000)),
+    "gtsrb": DatasetInfo(43, (32, 32, 3), (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), False, (39209, 12630)),
+    "tiny": DatasetInfo(200, (64, 64, 3), (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262), False, (100000, 10000)),
+    "mnist": DatasetInfo(10, (28, 28, 1), (0.5,), (0.5,), False, (60000, 10000)),
+    "fashion-mnist": DatasetInfo(10, (28, 28, 1), (0.5,), (0.5,), False, (60000, 10000)),
     # ROF faces (rof.py): no benchmark normalization exists; images are scaled to [-1, 1].
     "rof": DatasetInfo(10, (64, 64, 3), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), True),
 }

@@ -76,9 +76,13 @@ def record_lock(record: Path) -> filelock.FileLock:
     return _lock(Path(record).parent / ".locks" / f"{Path(record).name}.lock")
 
 
+def cell_lock_path(cell: Cell) -> Path:
+    return cell.folder.parent / ".locks" / f"{cell.name}.lock"
+
+
 def cell_lock(cell: Cell) -> filelock.FileLock:
     """Held while the cell runs: ``<record>/defense/.locks/``."""
-    return _lock(cell.folder.parent / ".locks" / f"{cell.name}.lock")
+    return _lock(cell_lock_path(cell))
 
 
 def execute(job: CellJob, device: str = "cpu", threads: Optional[int] = None) -> Dict[str, Any]:
@@ -349,6 +353,8 @@ def cell_state(job: CellJob) -> str:
     """done, running (its lock is held), failed (it left failed.json) or queued."""
     if cell_done(job.cell):
         return "done"
+    if not cell_lock_path(job.cell).is_file():  # never started (asking writes nothing)
+        return "queued"
     lock = cell_lock(job.cell)
     try:
         lock.acquire(timeout=0)

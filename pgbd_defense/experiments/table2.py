@@ -56,6 +56,7 @@ from ..util.atomic import atomic_path, atomic_write_text
 from ..util.logs import setup_logging
 from ..util.progress import quiet
 from .cells import Cell
+from .plan import plan_text
 from .runner import CellJob, add_executor_arguments, executor_spec, record_folder, state_counts, status_rows
 from .runner import run as runner_run
 from .stats import ok_cells, paired_vs_best
@@ -221,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--recompute", action="store_true", help="rerun finished cells")
     p.add_argument("--check", action="store_true", help="apply the setting's CI gate; exit 1 when it fails")
+    p.add_argument("--plan", action="store_true",
+                   help="print the records and cells the table needs and their time on the device (measured "
+                        "where cells of a kind have finished, else estimated), and stop")
     p.add_argument("--status", action="store_true",
                    help="say which cells are done, running, failed or queued (from their folders) and stop")
     p.add_argument("--assemble", action="store_true",
@@ -311,6 +315,9 @@ def _table(args) -> int:
     out = Path(args.out or f"out/table2_{args.preset}_{args.protocol}_{pratio:g}")
     executor = executor_spec(args, out)  # checked before anything is written
     jobs = plan_jobs(preset, protocol, args, datasets, attacks, defenses, pratio, seeds, record_seeds)
+    if args.plan:
+        print(plan_text(jobs, protocol.preset, executor.devices[0]))
+        return 0
     if args.status:
         rows = status_rows(jobs)
         counts = state_counts(rows)
