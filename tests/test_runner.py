@@ -160,3 +160,17 @@ def test_plan_counts_the_cells_and_times_them_measured_or_estimated(tmp_path, ti
     assert table2.main(_argv(tiny_data, root, tmp_path / "plan", "--plan")) == 0
     text = capsys.readouterr().out
     assert "| ft | 2 | 0 |" in text and "measured (2 cells)" in text and "| pgbd | 2 | 2 |" in text
+
+
+def test_a_setting_changed_for_every_cell_is_its_own_cell_and_named(tmp_path, tiny_data, caplog):
+    root = tmp_path / "rec"
+    assert table2.main(_argv(tiny_data, root, tmp_path / "a", "--defenses", "ft", "--set", "amp=true",
+                             "--set", "lr=0.05")) == 0
+    assert "Changed for every cell: amp=True, lr=0.05." in (tmp_path / "a" / "table2.md").read_text()
+    cells = _cells(tmp_path / "a")
+    configs = [Path(r) / "defense" / c / "config.yaml" for r, c in zip(cells["record"], cells["cell"])]
+    assert len(cells) == 2 and all("amp: true" in p.read_text() and "lr: 0.05" in p.read_text() for p in configs)
+    assert table2.main(_argv(tiny_data, root, tmp_path / "b", "--defenses", "ft")) == 0
+    assert set(_cells(tmp_path / "b")["status"]) == {"ok"}  # without the change: other cells
+    assert table2.main(_argv(tiny_data, root, tmp_path / "c", "--set", "nope=1")) == 2
+    assert "'nope=1': write KEY=VALUE" in caplog.text

@@ -52,6 +52,7 @@ import torch
 from .. import __version__
 from ..attacks.record import AttackSettings
 from ..errors import ConfigError, UserError
+from ..settings.cli import parse_assignment
 from ..util.atomic import atomic_path, atomic_write_text
 from ..util.logs import setup_logging
 from ..util.progress import quiet
@@ -214,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", help="comma-separated subset of the preset's attacks (or others)")
     p.add_argument("--defenses", help="comma-separated defenses (default: the preset's)")
     p.add_argument("--seeds", default="0", help="clean-subset seeds, every defense (default 0)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="changes",
+                   help="a setting changed for every cell (repeatable), e.g. amp=true; named in the table's header")
     p.add_argument("--attack-seeds", default="0", help="record seeds: one record per attack and seed (default 0)")
     p.add_argument("--out", help="output folder (default out/table2_<preset>_<protocol>_<pratio>)")
     p.add_argument("--record-root", default="record",
@@ -250,7 +253,7 @@ def _seeds(text: str, what: str) -> List[int]:
 
 
 def plan_jobs(preset: TablePreset, protocol: Protocol, args, datasets, attacks, defenses, pratio, seeds,
-              record_seeds) -> List[CellJob]:
+              record_seeds, changes: Optional[Dict] = None) -> List[CellJob]:
     """Every cell of the table: each record (data set x attack x record seed) times each clean
     subset seed times each defense, with what it needs made first."""
     jobs = []
@@ -262,8 +265,8 @@ def plan_jobs(preset: TablePreset, protocol: Protocol, args, datasets, attacks, 
                 for seed in seeds:
                     index = record / f"clean_subset_{preset.ratio:g}_{seed}.txt"  # cells.shared_index's file
                     for d in defenses:
-                        cell = Cell(record, d, {"index": str(index), "random_seed": seed, **preset.defense_settings},
-                                    preset=protocol.preset)
+                        cell = Cell(record, d, {"index": str(index), "random_seed": seed, **preset.defense_settings,
+                                                **(changes or {})}, preset=protocol.preset)
                         meta = {"attack": attack, "dataset": dataset, "record_seed": record_seed, "seed": seed}
                         jobs.append(CellJob(cell, settings, (preset.ratio, seed), args.data_root, args.recompute,
                                             meta))
@@ -307,6 +310,7 @@ def _table(args) -> int:
     attacks = _split(args.attacks, preset.attacks)
     defenses = _split(args.defenses, preset.defenses)
     seeds, record_seeds = _seeds(args.seeds, "--seeds"), _seeds(args.attack_seeds, "--attack-seeds")
+    changes = dict(parse_assignment(text) for text in args.changes)
     spec = GATES.get((args.preset, args.protocol, pratio))
     if args.check and spec is None:
         raise ConfigError(f"no CI gate is defined for --preset {args.preset} --protocol {args.protocol} "
@@ -314,7 +318,7 @@ def _table(args) -> int:
                           + "; ".join(f"{p} {q} {r:g}" for p, q, r in GATES))
     out = Path(args.out or f"out/table2_{args.preset}_{args.protocol}_{pratio:g}")
     executor = executor_spec(args, out)  # checked before anything is written
-    jobs = plan_jobs(preset, protocol, args, datasets, attacks, defenses, pratio, seeds, record_seeds)
+    jobs = plan_jobs(preset, protocol, args, datasets, attacks, defenses, pratio, seeds, record_seeds, changes)
     if args.plan:
         print(plan_text(jobs, protocol.preset, executor.devices[0]))
         return 0
@@ -346,7 +350,8 @@ def _table(args) -> int:
     paired = paired_vs_best(cells, "pgbd", "dem") if "pgbd" in defenses else []
     facts = {"preset": args.preset, "protocol": args.protocol, "pratio": pratio, "datasets": datasets,
              "attacks": attacks, "defenses": defenses, "seeds": seeds, "record_seeds": record_seeds,
-             "protocol_note": protocol.note, "forced": preset.forced, "wall_seconds": round(time.time() - started, 1),
+             "protocol_note": protocol.note, "forced": preset.forced, "changes": changes,
+             "wall_seconds": round(time.time() - started, 1),
              **provenance()}
     text = report(facts, df, defenses, paired, cells)
     atomic_write_text(paths["md"], text)
@@ -393,6 +398,8 @@ def report(facts: Dict, df: pd.DataFrame, defenses: Sequence[str], paired, cells
             "",
             f"Protocol: {facts['protocol_note']}.",
             "What differs from the paper's setting: " + "; ".join(facts["forced"]) + ".",
+            *([f"Changed for every cell: {', '.join(f'{k}={v}' for k, v in facts['changes'].items())}."]
+              if facts.get("changes") else []),
             f"Each cell: mean ± std over {n} replicates (clean-subset seeds {facts['seeds']} x record seeds "
             f"{facts['record_seeds']}); CA and ASR in %, DEM a fraction; '-' a cell that failed.",
             f"Made by commit {facts['commit']} on {facts['date']}, {facts['machine']}, torch {facts['torch']} "

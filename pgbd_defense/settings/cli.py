@@ -7,9 +7,11 @@ which is what ``run --bench-root`` forwards."""
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, Iterable, List, Mapping
+from typing import Any, Dict, Iterable, List, Mapping, Tuple
 
+from ..errors import ConfigError
 from .fields import FIELD_LIST, FIELDS, Field
+from .resolve import check_value
 
 # Argument-group titles of the sections, in the order --help shows them.
 GROUP_TITLES = {
@@ -92,6 +94,20 @@ def add_setting_arguments(parser: argparse.ArgumentParser, spelling: str = "ours
             continue
         flags = f.flags if spelling == "ours" else (f.launcher_flag,)
         groups[primary_section(f)].add_argument(*flags, **_kwargs(f, spelling))
+
+
+def parse_assignment(text: str) -> Tuple[str, Any]:
+    """``KEY=VALUE`` for a field of the table, the value typed as the field's (lists comma-separated)."""
+    key, sep, value = text.partition("=")
+    if not sep or key not in FIELDS:
+        raise ConfigError(f"{text!r}: write KEY=VALUE with KEY a setting (docs/settings.md), e.g. amp=true")
+    f = FIELDS[key]
+    try:
+        parsed = parse_bool(value) if f.type is bool else list_parser(f.item)(value) if f.type is list else \
+            None if (f.optional and value in ("", "null", "none")) else f.type(value)
+    except (ValueError, argparse.ArgumentTypeError) as e:
+        raise ConfigError(f"{text!r}: {key} takes {f.type.__name__} values ({e})") from None
+    return key, check_value(f, parsed, "setting")
 
 
 def explicit_values(args: argparse.Namespace, skip: Iterable[str] = ()) -> Dict[str, Any]:
