@@ -28,6 +28,7 @@ from .bench.checkout import find_checkout, require_checkout
 from .bench.driver import run_in_checkout
 from .errors import ConfigError, UserError
 from .experiments.cells import Cell, run_cell
+from .experiments.table2 import PROTOCOLS
 from .experiments.tables import comparison_frame, comparison_markdown, write_comparison
 from .pipeline import DefenseResult, check, defend, load_record, make_or_reuse_record
 from .settings import PRESET_NAMES, VARIANT_NAMES, Settings, read_yaml, resolve
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--preset", choices=PRESET_NAMES,
                    help="defaults to start from (default: the config's preset key, else cpu; 'paper' = the "
                         "paper's settings, 'bench' = each baseline as BackdoorBench runs it)")
+    g.add_argument("--protocol", choices=sorted(PROTOCOLS),
+                   help="Table 2's protocols by name: paper (= --preset bench: each defense at its published "
+                        "settings, last epoch) or equal-budget (= --preset cpu); with --compare, every defense")
     g.add_argument("--config", help="YAML file of settings (our key names or BackdoorBench's); flags override it")
     g.add_argument("--defense", help="which defense (pgbd, nt-pgbd, st-pgbd, ft, nad, i-bau, ft-sam, mcl; "
                                      "default pgbd)")
@@ -101,9 +105,17 @@ def chosen_defense(args) -> Optional[str]:
     return args.defense or (VARIANT_NAMES[args.variant] if args.variant else None)
 
 
+def chosen_preset(args) -> Optional[str]:
+    """--preset, or the preset of --protocol (they must agree)."""
+    by_protocol = PROTOCOLS[args.protocol].preset if getattr(args, "protocol", None) else None
+    if by_protocol and args.preset and args.preset != by_protocol:
+        raise ConfigError(f"--protocol {args.protocol} is --preset {by_protocol}, not {args.preset}: give one of them")
+    return args.preset or by_protocol
+
+
 def settings_of(args) -> Settings:
     """The run's settings: the preset, then --config, then every flag given."""
-    return resolve(args.preset, chosen_defense(args), read_yaml(args.config), explicit_values(args),
+    return resolve(chosen_preset(args), chosen_defense(args), read_yaml(args.config), explicit_values(args),
                    source=args.config or "config")
 
 

@@ -300,3 +300,10 @@ def test_docs_settings_md_is_the_table():
 
     assert (REPO / "docs" / "settings.md").read_text() == markdown(), \
         "regenerate it: python -m pgbd_defense.settings > docs/settings.md"
+
+
+def test_protocol_names_a_preset():
+    assert settings_of(build_parser().parse_args(["--protocol", "paper"])).preset == "bench"
+    assert settings_of(build_parser().parse_args(["--protocol", "equal-budget"])).preset == "cpu"
+    with pytest.raises(ConfigError, match="--protocol paper is --preset bench, not cpu"):
+        settings_of(build_parser().parse_args(["--protocol", "paper", "--preset", "cpu"]))
