@@ -171,3 +171,26 @@ def test_tiny_lists_images_as_torchvisions_imagefolder_does(tmp_path, released_v
     # val_i belongs to wnids[i % 3] = n02, n01, n03, ...: labels 1, 0, 2, grouped by class as ImageFolder would
     assert val.labels.tolist() == [0, 0, 1, 1, 2, 2]
     assert [int(v) for v in val.images[:, 0, 0, 0]] == [1, 4, 0, 3, 2, 5]
+
+
+@pytest.mark.parametrize("dataset", ["gtsrb", "tiny"])
+def test_every_attack_makes_a_record_on_the_paper_presets_other_data_sets(tmp_path, dataset):
+    """The paper preset names GTSRB (43 classes, 32x32) and Tiny-ImageNet (64x64): every attack of
+    Table 2 trains (with augmentation) and writes a record on their layouts (generated trees),
+    its poisoned test set at the data set's size."""
+    from pgbd_defense.attacks import ATTACKS
+    from pgbd_defense.attacks.record import AttackSettings
+    from pgbd_defense.experiments.cells import ensure_record
+    from pgbd_defense.formats.records import load_attack_record
+
+    root = LAYOUTS[dataset](tmp_path)
+    info = data_mod.dataset_info(dataset)
+    for attack in ATTACKS.names():
+        if attack.startswith("rof"):
+            continue  # ROF's overlays are made for its face images only (datasets/rof.py)
+        settings = AttackSettings(attack=attack, dataset=dataset, width=0.0625, epochs=1, batch_size=8,
+                                  augment=True, pratio=0.3, train_subset=0)
+        record = load_attack_record(ensure_record(settings, tmp_path / "record", str(root)), data_root=str(root))
+        h, w, c = info.size
+        assert tuple(record.bd_test.images.shape[1:]) == (c, h, w), attack
+        assert len(record.bd_test) > 0 and bool((record.bd_test.labels == 0).all()), attack

@@ -132,6 +132,35 @@ def test_bad_executor_settings_fail_in_one_line_and_write_nothing(tmp_path, tiny
     assert not out.exists() and not (tmp_path / "rec").exists()
 
 
+def test_slurm_parameters_from_a_yaml_section_and_flags_win(tmp_path):
+    from pgbd_defense.experiments import runner
+    config = tmp_path / "cluster.yaml"
+    config.write_text("slurm:\n  partition: gpu\n  time: 300\n  gpus_per_task: 1\n"
+                      "  extra: {account: abc, qos: high}\n")
+    args = table2.build_parser().parse_args(["--executor", "slurm", "--slurm-config", str(config),
+                                             "--slurm-time", "30", "--slurm-extra", "qos=low"])
+    spec = runner.executor_spec(args, tmp_path / "out")
+    assert (spec.slurm_partition, spec.slurm_time, spec.gpus_per_task, spec.array_parallelism) == ("gpu", 30, 1, 16)
+    assert spec.slurm_extra == {"account": "abc", "qos": "low"}
+    plain = runner.executor_spec(table2.build_parser().parse_args(["--executor", "slurm"]), tmp_path / "out")
+    assert (plain.slurm_partition, plain.slurm_time, plain.gpus_per_task, plain.slurm_extra) == (None, 240, 0, {})
+
+
+@pytest.mark.parametrize("text, message", [
+    ("slurm:\n  partiton: gpu\n", "unknown keys ['partiton']"),
+    ("partition: gpu\n", "needs a mapping under 'slurm:'"),
+    ("slurm:\n  time: long\n", "time must be an integer"),
+])
+def test_a_bad_slurm_config_fails_in_one_line_and_writes_nothing(tmp_path, tiny_data, caplog, text, message):
+    config = tmp_path / "cluster.yaml"
+    config.write_text(text)
+    out = tmp_path / "out"
+    assert table2.main(_argv(tiny_data, tmp_path / "rec", out, "--executor", "slurm",
+                             "--slurm-config", str(config))) == 2
+    assert message in caplog.text and len(caplog.records) == 1
+    assert not out.exists() and not (tmp_path / "rec").exists()
+
+
 def test_the_missing_extra_is_named(tmp_path, tiny_data, caplog, monkeypatch):
     monkeypatch.setitem(sys.modules, "submitit", None)  # import submitit now fails
     out = tmp_path / "out"
@@ -153,13 +182,14 @@ def test_plan_counts_the_cells_and_times_them_measured_or_estimated(tmp_path, ti
     root = tmp_path / "rec"
     assert table2.main(_argv(tiny_data, root, tmp_path / "plan", "--plan")) == 0
     text = capsys.readouterr().out
-    assert "1 records, 4 cells (0 already finished)" in text and "| ft | 2 | 2 |" in text and "estimated" in text
+    assert "1 records, 4 cells (0 already finished)" in text
+    assert "| mnist | ft | 2 | 2 |" in text and "estimated" in text
     assert not root.exists()  # a plan runs nothing
     assert table2.main(_argv(tiny_data, root, tmp_path / "part", "--defenses", "ft")) == 0
     capsys.readouterr()
     assert table2.main(_argv(tiny_data, root, tmp_path / "plan", "--plan")) == 0
     text = capsys.readouterr().out
-    assert "| ft | 2 | 0 |" in text and "measured (2 cells)" in text and "| pgbd | 2 | 2 |" in text
+    assert "| mnist | ft | 2 | 0 |" in text and "measured (2 cells)" in text and "| mnist | pgbd | 2 | 2 |" in text
 
 
 def test_a_setting_changed_for_every_cell_is_its_own_cell_and_named(tmp_path, tiny_data, caplog):

@@ -199,3 +199,19 @@ def test_table2_runs_every_defense_on_every_replicate_and_writes_both_tables(tmp
     assert facts["seeds"] == [0, 1] and facts["protocol"] == "equal-budget" and facts["torch"]
     # The paper protocol has no gate for this setting: asked for, it says which settings have one.
     assert table2.main([*argv[:2], "--protocol", "paper", *argv[4:]]) == 2
+
+
+def test_the_paper_preset_poisons_cifar100_at_10_percent_unless_a_rate_is_given(tmp_path):
+    """The paper's Table 2: 1% on CIFAR-10, GTSRB and Tiny-ImageNet, 10% on CIFAR-100; an explicit
+    --pratio applies to every data set."""
+    from pgbd_defense.experiments import table2
+
+    def rates(*extra):
+        args = table2.build_parser().parse_args(["--preset", "paper", "--protocol", "paper", "--defenses", "ft",
+                                                 "--attacks", "badnet", "--record-root", str(tmp_path), *extra])
+        jobs = table2.plan_jobs(table2.PRESETS["paper"], table2.PROTOCOLS["paper"], args,
+                                table2.PRESETS["paper"].datasets, ["badnet"], ["ft"], args.pratio, [0], [0])
+        return {j.meta["dataset"]: j.attack.pratio for j in jobs}
+
+    assert rates() == {"cifar10": 0.01, "gtsrb": 0.01, "tiny": 0.01, "cifar100": 0.1}
+    assert set(rates("--pratio", "0.05").values()) == {0.05}

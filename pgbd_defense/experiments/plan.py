@@ -110,44 +110,52 @@ def record_seconds(attack, n_train: int, n_test: int, rates: Rates) -> float:
 
 
 def plan_text(jobs: Sequence[CellJob], protocol_preset: str, device: str) -> str:
-    """The plan of a grid as Markdown lines."""
+    """The plan of a grid as Markdown lines: per data set (its size and image shape set the cost),
+    the records and each cell kind."""
     rows = status_rows(jobs)
-    records = {str(j.cell.record): j for j in jobs}
-    measured: Dict[str, List[float]] = defaultdict(list)
-    for job, row in zip(jobs, rows):
-        if row["status"] == "cached" and row.get("seconds") is not None:
-            measured[job.cell.label or job.cell.defense].append(float(row["seconds"]))
-    kinds: Dict[str, List[CellJob]] = defaultdict(list)
-    for job in jobs:
-        kinds[job.cell.label or job.cell.defense].append(job)
-    first = next(iter(jobs)) if jobs else None
-    rates, n_train, n_test = None, 0, 0
-    lines = [f"{len(records)} records, {len(jobs)} cells ({sum(r['status'] == 'cached' for r in rows)} already "
-             f"finished), on {device}:", "", "| cell kind | cells | to run | seconds per cell | how known |",
-             "|---|---|---|---|---|"]
-    total = 0.0
-    if first is not None and first.attack is not None:
-        info = dataset_info(first.attack.dataset)
-        n_train, n_test = info.splits
-        model = build_model(first.attack.model, info.num_classes, info.size[2], first.attack.width)
-        rates = Rates(model, (info.size[2], *info.size[:2]), device)
-        to_make = [j for j in records.values() if not (j.cell.record / "attack_result.pt").is_file()]
-        if to_make and n_train:
-            each = record_seconds(first.attack, n_train, n_test, rates)
-            total += each * len(to_make)
-            lines.append(f"| record (the attack) | {len(records)} | {len(to_make)} | {each:.0f} | estimated |")
-    for kind, members in kinds.items():
-        todo = [j for j, r in zip(jobs, rows) if (j.cell.label or j.cell.defense) == kind and r["status"] != "cached"]
-        if measured[kind]:
-            each, how = sorted(measured[kind])[len(measured[kind]) // 2], f"measured ({len(measured[kind])} cells)"
-        elif rates is not None and n_train:
-            job = members[0]
-            settings = resolve(protocol_preset, job.cell.defense, None, dict(job.cell.settings))
-            n_clean = int(round(settings["ratio"] * n_train))
-            each, how = cell_seconds(settings, n_clean, n_test, rates), "estimated"
-        else:
-            each, how = math.nan, "unknown (no data set size)"
-        total += each * len(todo) if not math.isnan(each) else 0.0
-        lines.append(f"| {kind} | {len(members)} | {len(todo)} | {each:.0f} | {how} |")
+    by_dataset: Dict[str, List[int]] = defaultdict(list)
+    for i, job in enumerate(jobs):
+        by_dataset[job.attack.dataset if job.attack is not None else "(given records)"].append(i)
+    n_records = len({str(j.cell.record) for j in jobs})
+    lines = [f"{n_records} records, {len(jobs)} cells ({sum(r['status'] == 'cached' for r in rows)} already "
+             f"finished), on {device}:", "",
+             "| data set | kind | count | to run | seconds each | how known |", "|---|---|---|---|---|---|"]
+    total, rates_cache = 0.0, {}
+    for dataset, members in by_dataset.items():
+        first = jobs[members[0]]
+        rates, n_train, n_test = None, 0, 0
+        if first.attack is not None:
+            info = dataset_info(dataset)
+            n_train, n_test = info.splits
+            key = (first.attack.model, first.attack.width, info.size)  # the class count barely changes the cost
+            if key not in rates_cache:
+                model = build_model(first.attack.model, info.num_classes, info.size[2], first.attack.width)
+                rates_cache[key] = Rates(model, (info.size[2], *info.size[:2]), device)
+            rates = rates_cache[key]
+            records = {str(jobs[i].cell.record): jobs[i] for i in members}
+            to_make = [j for j in records.values() if not (j.cell.record / "attack_result.pt").is_file()]
+            if to_make and n_train:
+                seconds = [record_seconds(j.attack, n_train, n_test, rates) for j in to_make]
+                total += sum(seconds)
+                lines.append(f"| {dataset} | record (the attack) | {len(records)} | {len(to_make)} | "
+                             f"{sum(seconds) / len(seconds):.0f} | estimated |")
+        kinds: Dict[str, List[int]] = defaultdict(list)
+        for i in members:
+            kinds[jobs[i].cell.label or jobs[i].cell.defense].append(i)
+        for kind, idx in kinds.items():
+            done = [float(rows[i]["seconds"]) for i in idx
+                    if rows[i]["status"] == "cached" and rows[i].get("seconds") is not None]
+            todo = [i for i in idx if rows[i]["status"] != "cached"]
+            if done:
+                each, how = sorted(done)[len(done) // 2], f"measured ({len(done)} cells)"
+            elif rates is not None and n_train:
+                job = jobs[idx[0]]
+                settings = resolve(protocol_preset, job.cell.defense, None, dict(job.cell.settings))
+                n_clean = int(round(settings["ratio"] * n_train))
+                each, how = cell_seconds(settings, n_clean, n_test, rates), "estimated"
+            else:
+                each, how = math.nan, "unknown (no data set size)"
+            total += each * len(todo) if not math.isnan(each) else 0.0
+            lines.append(f"| {dataset} | {kind} | {len(idx)} | {len(todo)} | {each:.0f} | {how} |")
     lines += ["", f"Left to run: about {total / 3600:.1f} hours on one {device} (one cell at a time)."]
     return "\n".join(lines) + "\n"

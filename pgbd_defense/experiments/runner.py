@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import filelock
 import torch
+import yaml
 
 from ..attacks.record import AttackSettings, record_name
 from ..errors import ConfigError
@@ -173,10 +174,16 @@ def add_executor_arguments(parser) -> None:
                    help="serial (default), local (a pool of workers), or slurm (a job array through submitit)")
     g.add_argument("--workers", type=int, help="local: worker processes (default: one per device)")
     g.add_argument("--devices", help="local: comma-separated devices, one cell at a time on each (default: --device)")
+    g.add_argument("--slurm-config", metavar="YAML",
+                   help="slurm: the parameters below from a YAML file's 'slurm' section (partition, time, "
+                        "gpus_per_task, array_parallelism, cluster, extra: {KEY: VALUE}); flags win")
     g.add_argument("--slurm-partition", help="slurm: the partition")
-    g.add_argument("--slurm-time", type=int, default=240, help="slurm: minutes per cell before the job is killed")
-    g.add_argument("--gpus-per-task", type=int, default=0, help="slurm: GPUs per cell")
-    g.add_argument("--slurm-array-parallelism", type=int, default=16, help="slurm: cells running at once")
+    g.add_argument("--slurm-time", type=int,
+                   help=f"slurm: minutes per cell before the job is killed (default {SLURM_DEFAULTS['time']})")
+    g.add_argument("--gpus-per-task", type=int,
+                   help=f"slurm: GPUs per cell (default {SLURM_DEFAULTS['gpus_per_task']})")
+    g.add_argument("--slurm-array-parallelism", type=int,
+                   help=f"slurm: cells running at once (default {SLURM_DEFAULTS['array_parallelism']})")
     g.add_argument("--slurm-extra", action="append", default=[], metavar="KEY=VALUE",
                    help="slurm: any other sbatch parameter (repeatable), e.g. account=abc or qos=high")
     g.add_argument("--slurm-cluster", help="submitit's cluster: slurm (default when sbatch is found) or local")
@@ -186,20 +193,54 @@ def add_executor_arguments(parser) -> None:
                         "changes float rounding, so equal threads give equal numbers across executors")
 
 
+# The SLURM parameters a user does not give (flags or --slurm-config's 'slurm' section).
+SLURM_DEFAULTS: Dict[str, Any] = {"partition": None, "time": 240, "gpus_per_task": 0, "array_parallelism": 16,
+                                  "cluster": None}
+
+
+def slurm_settings(path: Optional[str]) -> Dict[str, Any]:
+    """The ``slurm`` section of a YAML file (its keys: SLURM_DEFAULTS' and ``extra``), checked."""
+    if not path:
+        return {}
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise ConfigError(f"--slurm-config {path}: cannot read it ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--slurm-config {path}: not valid YAML ({e})") from None
+    section = data.get("slurm") if isinstance(data, dict) else None
+    if not isinstance(section, dict):
+        raise ConfigError(f"--slurm-config {path}: needs a mapping under 'slurm:' (e.g. slurm: {{partition: gpu}})")
+    unknown = sorted(set(section) - set(SLURM_DEFAULTS) - {"extra"})
+    if unknown:
+        raise ConfigError(f"--slurm-config {path}: unknown keys {unknown}; valid: "
+                          f"{', '.join(sorted(set(SLURM_DEFAULTS) | {'extra'}))}")
+    if "extra" in section and not isinstance(section["extra"] or {}, dict):
+        raise ConfigError(f"--slurm-config {path}: 'extra' must be a mapping of sbatch parameters (account: abc)")
+    for key in ("time", "gpus_per_task", "array_parallelism"):
+        if key in section and not isinstance(section[key], int):
+            raise ConfigError(f"--slurm-config {path}: {key} must be an integer, got {section[key]!r}")
+    return dict(section)
+
+
 def executor_spec(args, folder: Path) -> ExecutorSpec:
     """The executor the command line asks for, checked before anything is written."""
-    extra = {}
+    slurm = slurm_settings(getattr(args, "slurm_config", None))
+    extra = {str(k): str(v) for k, v in (slurm.pop("extra", None) or {}).items()}
     for item in args.slurm_extra or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--slurm-extra {item!r}: write KEY=VALUE (e.g. account=abc)")
         extra[key] = value
+    flags = {"partition": args.slurm_partition, "time": args.slurm_time, "gpus_per_task": args.gpus_per_task,
+             "array_parallelism": args.slurm_array_parallelism, "cluster": args.slurm_cluster}
+    chosen = {k: v if v is not None else slurm.get(k, SLURM_DEFAULTS.get(k)) for k, v in flags.items()}
     devices = [d for d in (args.devices or getattr(args, "device", "cpu") or "cpu").split(",") if d]
     gpus = [d for d in devices if d != "cpu"]
     workers = args.workers if args.workers is not None else (len(devices) if gpus else 1)
-    spec = ExecutorSpec(args.executor, workers, devices, folder / "slurm_logs", args.slurm_partition,
-                        args.slurm_time, args.gpus_per_task, args.slurm_array_parallelism, extra,
-                        args.slurm_cluster, args.wait, args.threads)
+    spec = ExecutorSpec(args.executor, workers, devices, folder / "slurm_logs", chosen["partition"],
+                        chosen["time"], chosen["gpus_per_task"], chosen["array_parallelism"], extra,
+                        chosen["cluster"], args.wait, args.threads)
     bad = spec.problems()
     if bad:
         raise ConfigError("invalid executor settings: " + "; ".join(bad))
