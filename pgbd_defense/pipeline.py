@@ -43,6 +43,7 @@ from .formats.defense_folder import (
 )
 from .formats.models import build_model
 from .formats.records import AttackRecord, load_attack_record, write_defense_result
+from .method.diagnostics import poisoned_pairs
 from .method.mapping import TeacherConfig, cached_backbone_features, features_from_file, parse_source
 from .method.targets import TargetConfig, defended_targets, resolve_targets
 from .metrics import DEM, dem, evaluate
@@ -58,12 +59,13 @@ log = logging.getLogger(__name__)
 class RunConfig:
     """The run's data and evaluation: the clean subset (``ratio`` of the training split drawn
     with ``seed``, or the indices in the file ``index``), the per-epoch diagnostic evaluation
-    (``eval_every``), the device and the data root."""
+    (``eval_every``), the sanitization-term diagnostics (``diagnostics``), the device and the data root."""
 
     ratio: float = preset_default("ratio")
     index: Optional[str] = preset_default("index")
     seed: int = preset_default("random_seed")
     eval_every: int = preset_default("eval_every")
+    diagnostics: bool = preset_default("diagnostics")
     device: str = preset_default("device")
     data_root: Optional[str] = preset_default("data_root")
 
@@ -285,6 +287,8 @@ def _defend(settings: Settings, record: AttackRecord, record_dir: Path, out: Pat
         log.warning("the record's model shows no backdoor (ASR %.4f) or no accuracy (CA %.4f): DEM is undefined "
                     "and will be reported as NaN", before["test_asr"], before["test_acc"])
 
+    poisoned = poisoned_pairs(record.bd_test, record.clean_test) if run.diagnostics else None
+
     def on_epoch_end(epoch: int, stats: Dict[str, float]) -> Dict[str, float]:
         # Test-set numbers are a diagnostic for the per-epoch table, off unless asked for
         # (eval_every N): selection never sees them.
@@ -297,6 +301,10 @@ def _defend(settings: Settings, record: AttackRecord, record_dir: Path, out: Pat
         else:
             log.info("epoch %d: loss %.4f held-out %s", epoch + 1, stats["train_epoch_loss_avg_over_batch"],
                      _pct(stats.get("val_acc")))
+        if run.diagnostics and hasattr(method, "diagnostics"):
+            row.update(method.diagnostics(record.model, epoch, normalize, device, poisoned))
+            log.info("epoch %d: sanitization term %s", epoch + 1,
+                     ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith(("term_", "pav_"))))
         return row
 
     checkpoint = out / "checkpoint" / "last.pt"

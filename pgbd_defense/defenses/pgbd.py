@@ -20,12 +20,13 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from ..datasets import ImageSet
 from ..datasets.batches import Normalizer
+from ..method.diagnostics import PROBE_SIZE, pav_trigger_alignment, term_diagnostics
 from ..method.loss import FORMS, REDUCTIONS, pgbd_loss
 from ..method.pav_sources import VARIANTS, PrototypeConfig, SanitizationState, make_variant
 from ..settings.fields import preset_default
@@ -159,6 +160,7 @@ class PGBDMethod(Method):
 
     def start(self, model, train, normalize, hflip, device):
         self._bind_layer(model)
+        self._probe = (train.images[:PROBE_SIZE], train.labels[:PROBE_SIZE])
         if not self.uses_sanitization:
             return
         self.source.prepare(model, train, normalize, device)
@@ -205,7 +207,22 @@ class PGBDMethod(Method):
         self.state = None if p is None else SanitizationState.from_payload(p, device)
 
     def restore_data(self, train: ImageSet) -> None:
+        self._probe = (train.images[:PROBE_SIZE], train.labels[:PROBE_SIZE])
         self.source.restore_data(train)
+
+    def diagnostics(self, model, epoch: int, normalize: Normalizer, device: str,
+                    poisoned: Optional[tuple] = None) -> Dict[str, float]:
+        """The sanitization term's numbers after ``epoch`` (``method/diagnostics.py``); evaluation
+        only. ``poisoned``: (triggered, plain, labels) test images for the PAVs' alignment."""
+        if self.state is None:
+            return {}
+        s = self.state
+        row = term_diagnostics(model, self.layer, *self._probe, normalize, s.means, s.pavs, s.active,
+                               self.lam_at(epoch), self.cfg.form, self.cfg.reduction, device)
+        if poisoned is not None:
+            row["pav_trigger_alignment"] = pav_trigger_alignment(model, self.layer, *poisoned, s.pavs, s.active,
+                                                                 normalize, device)
+        return row
 
     def write_artifacts(self, out: Path) -> dict:
         """The PAV source's files (ST-PGBD's trigger, the mapping's fit); what goes into summary.json."""

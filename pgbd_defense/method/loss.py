@@ -49,6 +49,20 @@ def _shaped(cos: torch.Tensor, form: str) -> torch.Tensor:
     return cos
 
 
+def sample_cosines(acts: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor,
+                   pavs: torch.Tensor) -> torch.Tensor:
+    """cos(g, V_c) per sample, g = 2 (f(x) - P_c) the closed-form gradient of L_p (0 where V_c = 0)."""
+    grad_lp = 2.0 * (acts - prototypes[labels])
+    v = pavs[labels]
+    return (grad_lp * v).sum(1) / (grad_lp.norm(dim=1) * v.norm(dim=1)).clamp_min(_EPS)
+
+
+def shaped(cos: torch.Tensor, form: str) -> torch.Tensor:
+    """L_s's per-sample value for a form, from the cosines."""
+    _check(form, REDUCTIONS[0])
+    return _shaped(cos, form)
+
+
 def sanitization_loss(acts: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor,
                       pavs: torch.Tensor, active: torch.Tensor, form: str = "cos",
                       reduction: str = "sum") -> torch.Tensor:
@@ -67,9 +81,7 @@ def sanitization_loss(acts: torch.Tensor, labels: torch.Tensor, prototypes: torc
     # Masking by multiplication (no boolean indexing) keeps the batch shape static;
     # inactive classes have V_c = 0, so their cosine is 0 before the mask, too.
     weight = active[labels].to(acts.dtype)
-    grad_lp = 2.0 * (acts - prototypes[labels])
-    v = pavs[labels]
-    cos = (grad_lp * v).sum(1) / (grad_lp.norm(dim=1) * v.norm(dim=1)).clamp_min(_EPS)
+    cos = sample_cosines(acts, labels, prototypes, pavs)
     total = (_shaped(cos, form) * weight).sum()
     return total / len(labels) if reduction == "mean" else total
 

@@ -152,6 +152,10 @@ FIELD_LIST = [
     _f("eval_every", int, 0, "diagnostic: also evaluate on the test sets after every N epochs (0: off; the "
        "returned model is always evaluated once, and selection never reads these numbers)",
        uses={"run": "eval_every"}),
+    _f("diagnostics", bool, False, "diagnostic: log PGBD's sanitization term after every epoch (its mean, the share "
+       "of samples it acts on, its share of the gradient at the layer, and the PAVs' alignment with the true trigger "
+       "shift on the record's poisoned test images); evaluation only, never read by selection",
+       uses={"run": "diagnostics"}, neutral=False),
     # ------------------------------------------------------------------ the shared loop
     _f("lr", float, 1e-4, "learning rate of the fine-tuning", presets={"cpu": 2e-2}, uses={"loop": "lr"}),
     _f("epochs", int, 35, "fine-tuning epochs (I-BAU: rounds)", presets={"cpu": 5}, uses={"loop": "epochs"}),
