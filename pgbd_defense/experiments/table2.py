@@ -423,7 +423,7 @@ def report(facts: Dict, df: pd.DataFrame, defenses: Sequence[str], paired, cells
                  "(experiments/stats.py). A verdict is bold only where the interval excludes zero.\n\n"
                  + paired_markdown(paired))
     body += "\n## Seconds per cell (median, range over replicates)\n\n" + seconds_table(cells, defenses)
-    return "\n".join(head) + body
+    return "\n".join(head) + "\n" + body  # a blank line before the table, or Markdown runs them together
 
 
 def _describe(bar, text: str) -> None:
