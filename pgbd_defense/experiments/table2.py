@@ -160,6 +160,13 @@ class Gate:
 GATES: Dict[Tuple[str, str, float], Gate] = {
     # results/table2_ci.md (10%, equal budget): PGBD's per-attack median ASR 1.1-3.0%, mean DEM 0.97.
     ("ci", "equal-budget", 0.1): Gate(source="results/table2_ci.md"),
+    # results/table2_equal_budget_1pct.md (1%, equal budget, seeds 0-2): PGBD's ASR on BadNets 1.91-2.33%
+    # (median 2.16), on Blended 0.87-9.53% (median 6.19); per-attack median DEMs 0.968 and 0.936 (mean 0.952).
+    # Limits: about twice the worst seed's ASR (one seed's Blended ASR moves by tens of points with the subset
+    # and with float rounding, docs/cluster.md), the mean DEM 0.03 below the measured one. BadNets implants
+    # at 85.7% here, so the 80% floor on the poisoned model stays.
+    ("ci", "equal-budget", 0.01): Gate(max_asr={"badnet": 0.05, "blended": 0.20}, default_max_asr=0.10,
+                                       min_mean_dem=0.92, source="results/table2_equal_budget_1pct.md"),
 }
 
 
@@ -351,7 +358,9 @@ def _table(args) -> int:
         cells.drop(columns=["environment"], errors="ignore").to_csv(tmp, index=False)
     df = seeded_frame(cells, defenses)
     paths = write_seeded_table(df, defenses, out)
-    paired = paired_vs_best(cells, "pgbd", "dem") if "pgbd" in defenses else []
+    # against the best baseline: PGBD's own variants (NT-PGBD, ...) are not "another defense"
+    baselines = [d for d in defenses if "pgbd" not in d]
+    paired = paired_vs_best(cells, "pgbd", "dem", others=baselines) if "pgbd" in defenses else []
     facts = {"preset": args.preset, "protocol": args.protocol, "pratio": pratio, "datasets": datasets,
              "attacks": attacks, "defenses": defenses, "seeds": seeds, "record_seeds": record_seeds,
              "protocol_note": protocol.note, "forced": preset.forced, "changes": changes,
@@ -377,11 +386,12 @@ def _table(args) -> int:
 
 
 def seconds_table(cells: pd.DataFrame, defenses: Sequence[str]) -> str:
-    """Wall time per cell, median and range over the replicates, per defense and attack."""
+    """Wall time per cell, median and range over the replicates, per defense and attack (a cell
+    read from the cache shows its first run's time)."""
     done = ok_cells(cells)
-    done = done[done["status"] == "ok"]  # cached cells' seconds are their first run's
+    done = done[done["seconds"].notna()] if "seconds" in done else done.iloc[0:0]
     if done.empty:
-        return "(every cell was read from the cache)\n"
+        return "(no cell has a recorded time)\n"
     lines = ["| defense | " + " | ".join(dict.fromkeys(done["attack"])) + " |",
              "|---|" + "---|" * done["attack"].nunique()]
     for d in defenses:
@@ -422,7 +432,8 @@ def report(facts: Dict, df: pd.DataFrame, defenses: Sequence[str], paired, cells
                  "Paired over the same replicates; 95% interval: Student's t over the differences "
                  "(experiments/stats.py). A verdict is bold only where the interval excludes zero.\n\n"
                  + paired_markdown(paired))
-    body += "\n## Seconds per cell (median, range over replicates)\n\n" + seconds_table(cells, defenses)
+    body += ("\n## Seconds per cell (median, range over replicates; a cached cell's are its first run's)\n\n"
+             + seconds_table(cells, defenses))
     return "\n".join(head) + "\n" + body  # a blank line before the table, or Markdown runs them together
 
 
