@@ -86,6 +86,12 @@ def cell_lock(cell: Cell) -> filelock.FileLock:
     return _lock(cell_lock_path(cell))
 
 
+def job_row(job: CellJob, **fields) -> Dict[str, Any]:
+    """What every row of a job says about it (its meta, defense label, cell and record), plus ``fields``."""
+    return {**job.meta, "defense": job.cell.label or job.cell.defense, "cell": job.cell.name,
+            "record": str(job.cell.record), **fields}
+
+
 def execute(job: CellJob, device: str = "cpu", threads: Optional[int] = None) -> Dict[str, Any]:
     """Make or read the record, draw or read the clean subset, run or read the cell; a
     failure anywhere is the row's status, never an exception (one cell must not stop a grid).
@@ -100,8 +106,7 @@ def execute(job: CellJob, device: str = "cpu", threads: Optional[int] = None) ->
 
 
 def _execute(job: CellJob, device: str) -> Dict[str, Any]:
-    row: Dict[str, Any] = {**job.meta, "defense": job.cell.label or job.cell.defense, "cell": job.cell.name,
-                           "record": str(job.cell.record)}
+    row = job_row(job)
     try:
         if job.attack is not None and not (Path(job.cell.record) / "attack_result.pt").is_file():
             started = time.time()
@@ -313,9 +318,8 @@ def _local(jobs, spec: ExecutorSpec, desc, rounds: int = 2):
         log.warning("a worker died; %d unfinished cells go to a fresh pool", len(todo))
     for i in todo:
         job = jobs[i]
-        rows[i] = {**job.meta, "defense": job.cell.label or job.cell.defense, "cell": job.cell.name,
-                   "record": str(job.cell.record), "status": "failed",
-                   "error": "worker lost twice (killed, or out of memory): rerun to continue from its checkpoint"}
+        rows[i] = job_row(job, status="failed", error="worker lost twice (killed, or out of memory): rerun to "
+                                                      "continue from its checkpoint")
     for i in range(len(jobs)):  # the cells a lost worker had finished are read back
         if rows[i] is None:
             rows[i] = _execute(jobs[i], spec.devices[0])
@@ -379,9 +383,8 @@ def _slurm(jobs, spec: ExecutorSpec, desc):
         try:
             rows.append(j.result())
         except Exception as e:  # the job itself failed (timeout, node failure): its log says why
-            rows.append({**job.meta, "defense": job.cell.label or job.cell.defense, "cell": job.cell.name,
-                         "record": str(job.cell.record), "status": "failed",
-                         "error": f"job {j.job_id}: {type(e).__name__}: {str(e)[:300]}", "log": str(j.paths.stderr)})
+            rows.append(job_row(job, status="failed", error=f"job {j.job_id}: {type(e).__name__}: {str(e)[:300]}",
+                                log=str(j.paths.stderr)))
         bar.update(1)
     bar.close()
     return rows
@@ -411,8 +414,7 @@ def status_rows(jobs: Sequence[CellJob]) -> List[Dict[str, Any]]:
     rows = []
     for job in jobs:
         state = cell_state(job)
-        row = {**job.meta, "defense": job.cell.label or job.cell.defense, "cell": job.cell.name,
-               "record": str(job.cell.record), "status": state}
+        row = job_row(job, status=state)
         if state == "done":
             row.update(json.loads((job.cell.folder / "summary.json").read_text()))
             row["status"] = "cached"

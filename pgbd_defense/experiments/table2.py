@@ -437,10 +437,5 @@ def report(facts: Dict, df: pd.DataFrame, defenses: Sequence[str], paired, cells
     return "\n".join(head) + "\n" + body  # a blank line before the table, or Markdown runs them together
 
 
-def _describe(bar, text: str) -> None:
-    if hasattr(bar, "set_description_str"):
-        bar.set_description_str(text)
-
-
 if __name__ == "__main__":
     sys.exit(main())
