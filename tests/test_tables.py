@@ -9,7 +9,8 @@ import pytest
 import pgbd_defense.experiments.cells as cells_module
 from pgbd_defense.experiments.cells import Cell, run_cell, shared_index
 from pgbd_defense.experiments.stats import paired_vs_best, t_interval
-from pgbd_defense.experiments.sweep import GridError, pareto_front, parse_grid
+from pgbd_defense.experiments.study import study_markdown
+from pgbd_defense.experiments.sweep import GridError, pareto_front, parse_grid, parse_grids, point_label
 from pgbd_defense.experiments.table2 import Gate, gate
 from pgbd_defense.experiments.tables import (
     MEAN,
@@ -157,12 +158,38 @@ def test_grid_parsing_and_errors():
         {"loss_form": "cos", "freeze_bn": True, "epochs": 2}, {"loss_form": "cos", "freeze_bn": False, "epochs": 2}]
     with pytest.raises(GridError, match="takes int"):
         parse_grid("epochs=1.5")
-    with pytest.raises(GridError, match="unknown grid key"):
-        parse_grid("nt_classes=1,2")  # a list setting cannot be an axis
+    # a list setting's items are joined by '+'; commas separate the axis' values
+    assert parse_grid("nt_classes=1+2,3 extra_layers=layer3.1.conv2") == [
+        {"nt_classes": [1, 2], "extra_layers": ["layer3.1.conv2"]}, {"nt_classes": [3], "extra_layers": ["layer3.1.conv2"]}]
+    with pytest.raises(GridError, match="takes list"):
+        parse_grid("nt_classes=a+b")
     with pytest.raises(GridError, match="unknown grid key"):
         parse_grid("speed=1")
     with pytest.raises(GridError, match="key=v1,v2"):
         parse_grid("lr")
+    # several grids add their points (each once); an empty grid is the preset's own setting
+    assert parse_grids(["", "update_gap=1", "update_gap=1,2"]) == [{}, {"update_gap": 1}, {"update_gap": 2}]
+    assert point_label("pgbd", {}) == "pgbd()"
+    assert point_label("pgbd", {"extra_layers": ["a", "b"], "lr": 0.02}) == "pgbd(extra_layers=a+b, lr=0.02)"
+
+
+def test_study_tables_by_hand():
+    dems = {"ref": [0.90, 0.80, 0.70], "new": [0.92, 0.83, 0.71], "ft": [0.88, 0.82, 0.60],
+            "shifted": [0.93, 0.83, 0.73]}
+    rows = [{"status": "ok", "attack": "blended", "seed": s, "setting": name, "dem": d, "asr": 0.01 * (s + 1),
+             "ca": 0.9, "collapsed": False} for name, ds in dems.items() for s, d in enumerate(ds)]
+    rows.append({"status": "failed", "attack": "blended", "seed": 3, "setting": "new"})
+    text = study_markdown(pd.DataFrame(rows), reference="ref", baseline="ft")
+    # new: mean 0.82, std sqrt((.1^2 + .01^2 + .11^2) / 2) = 0.1054 (the failed run left out);
+    # ASR median 2%, range 1-3%
+    assert "| new | 0.820 ± 0.105 / 2.00 (1.00-3.00) / 90.00 | 0.820 | 3.00 | 0 |" in text
+    # new - ref: 0.02, 0.03, 0.01 -> mean 0.02, sd 0.01, t(0.975, 2) = 4.3027: half width 0.0248
+    assert "| new | +0.020 [-0.005, +0.045] | +0.020 [-0.005, +0.045] |" in text
+    # shifted - ref: 0.03 on every seed: no spread, the interval excludes zero
+    assert "| shifted | **+0.030 [+0.030, +0.030]** |" in text
+    # ref - ft: 0.02, -0.02, 0.10 -> mean 0.033, sd 0.0611, half width 0.1518
+    assert "| ref | +0.033 [-0.118, +0.185] |" in text
+    assert "1 runs failed: new on blended seed 3" in text
 
 
 def test_pareto_front_keeps_only_undominated_points():

@@ -12,6 +12,12 @@ needs no target, the assumed target cycling through the classes every ``cycle``
 epochs; ST-PGBD (``variant="st"``) takes V_c = P'_c - P_c from a trigger synthesized
 for the target; with teacher features the PAVs are computed in a large teacher's
 feature space and mapped back.
+
+Settings studied to keep the term active (issue 20, ``docs/effectiveness.md``) are
+parameters too: more than one *term* (``extra_layers``: the same term at more layers;
+``nt_addition``: NT-PGBD's cycling term beside the known target's), each with its own
+prototypes and PAVs, and ``lambda_mode="grad_share"``, which sets each batch's lambda so
+that the term's gradient is a fixed share of the gradient at its layer.
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ import torch
 
 from ..datasets import ImageSet
 from ..datasets.batches import Normalizer
+from ..errors import ConfigError
 from ..method.diagnostics import PROBE_SIZE, pav_trigger_alignment, term_diagnostics
-from ..method.loss import FORMS, REDUCTIONS, pgbd_loss
-from ..method.pav_sources import VARIANTS, PrototypeConfig, SanitizationState, make_variant
+from ..method.loss import FORMS, REDUCTIONS, sanitization_loss
+from ..method.pav_sources import VARIANTS, FixedTargets, PAVSource, PrototypeConfig, SanitizationState, make_variant
 from ..settings.fields import preset_default
 from ..util.hooks import capture, find_layer, last_conv_name
 from .loop import EpochCallback, LoopConfig, Method, Selection, apply_update, finetune
@@ -48,6 +55,11 @@ class PGBDConfig(LoopConfig):
         form: ``cos`` (paper), ``abs_cos`` (release) or ``relu_cos`` (hinge), see ``method/loss.py``.
         reduction: ``sum`` over the batch (release) or ``mean``.
         warmup_epochs: lambda rises linearly from lam/warmup_epochs to lam over these epochs (0: off).
+        lambda_mode: ``fixed`` (lam) or ``grad_share``: per batch and term, lambda =
+            s / (1 - s) * ||dCE/da|| / ||dL_s/da|| at the term's layer (s = ``grad_share``), so
+            the term is always that share of the gradient there (0 while L_s has no gradient).
+        extra_layers: more layers, each with its own prototypes, PAVs and term.
+        nt_addition: add NT-PGBD's cycling term (its own PAVs) at ``layer`` to the known target's.
         clusters: k-means clusters per class (paper: 3).
         update_gap: re-estimate prototypes every this many epochs (0: never; release: 5).
         alpha: weight of the fresh prototypes when re-estimating (release: 0.75).
@@ -78,6 +90,10 @@ class PGBDConfig(LoopConfig):
     form: str = _D("loss_form")
     reduction: str = _D("reduction")
     warmup_epochs: int = _D("warmup_epochs")
+    lambda_mode: str = _D("lambda_mode")
+    grad_share: float = _D("grad_share")
+    extra_layers: Sequence[str] = tuple(_D("extra_layers"))
+    nt_addition: bool = _D("nt_addition")
     clusters: int = _D("clusters")
     update_gap: int = _D("update_gap")
     alpha: float = _D("alpha")
@@ -109,6 +125,15 @@ class PGBDConfig(LoopConfig):
             found.append(f"alpha={self.alpha} (must lie in [0, 1])")
         if self.variant not in VARIANTS:
             found.append(f"variant={self.variant!r} (choose {', '.join(VARIANTS)})")
+        if self.lambda_mode not in LAMBDA_MODES:
+            found.append(f"lambda_mode={self.lambda_mode!r} (choose {', '.join(LAMBDA_MODES)})")
+        if not 0 < self.grad_share < 1:
+            found.append(f"grad_share={self.grad_share} (must lie strictly between 0 and 1)")
+        if self.nt_addition and self.variant != "pgbd":
+            found.append(f"nt_addition with variant={self.variant!r} (the cycling term is added to a known "
+                         "target's: use variant pgbd, or nt-pgbd alone)")
+        if len(set(self.extra_layers)) != len(self.extra_layers) or (self.layer and self.layer in self.extra_layers):
+            found.append(f"extra_layers={list(self.extra_layers)} repeat a layer (layer={self.layer!r})")
         if self.cycle < 1:
             found.append(f"cycle={self.cycle} (must be >= 1)")
         for name in ("st_steps", "st_batch_size", "mapping_components", "mapping_steps"):
@@ -119,7 +144,25 @@ class PGBDConfig(LoopConfig):
     def to_dict(self) -> dict:
         d = super().to_dict()
         d["nt_classes"] = list(d["nt_classes"])
+        d["extra_layers"] = list(d["extra_layers"])
         return d
+
+
+LAMBDA_MODES = ("fixed", "grad_share")
+_EPS = 1e-12
+
+
+@dataclass
+class Term:
+    """One sanitization term: a layer, where its PAVs come from, which target each class has
+    in each epoch, and the prototypes and PAVs in use. ``follows_primary``: the layer is the
+    defense's main one (bound with it when that is the model's last convolution)."""
+
+    layer: Optional[str]
+    source: PAVSource
+    plan: FixedTargets
+    follows_primary: bool = False
+    state: Optional[SanitizationState] = None
 
 
 class PGBDMethod(Method):
@@ -134,86 +177,151 @@ class PGBDMethod(Method):
 
     def __init__(self, cfg: PGBDConfig, targets: torch.Tensor, layer: Optional[str] = None,
                  teacher_features: Optional[torch.Tensor] = None):
-        super().__init__(cfg)
+        super().__init__(cfg)  # the config checked itself when it was made (LoopConfig.__post_init__)
         self.targets = targets.clone()
         self.layer = layer or cfg.layer
-        self.state: Optional[SanitizationState] = None
         protos = PrototypeConfig(clusters=cfg.clusters, alpha=cfg.alpha, memory_mb=cfg.proto_memory_mb, seed=cfg.seed)
-        # Built (and checked: NT's classes, ST's one target) now; the layer is bound in start.
-        self.source, self.plan = make_variant(
-            cfg.variant, self.targets, self.layer, protos, cycle=cfg.cycle, nt_classes=cfg.nt_classes,
-            st_steps=cfg.st_steps, st_batch_size=cfg.st_batch_size, teacher_features=teacher_features,
-            mapping_components=cfg.mapping_components, mapping_steps=cfg.mapping_steps)
+
+        def term(variant: str, at: Optional[str], follows: bool) -> Term:
+            # Built (and checked: NT's classes, ST's one target) now; a missing layer is bound in start.
+            source, plan = make_variant(
+                variant, self.targets, at, protos, cycle=cfg.cycle, nt_classes=cfg.nt_classes,
+                st_steps=cfg.st_steps, st_batch_size=cfg.st_batch_size, teacher_features=teacher_features,
+                mapping_components=cfg.mapping_components, mapping_steps=cfg.mapping_steps)
+            return Term(at, source, plan, follows)
+
+        self.terms: List[Term] = [term(cfg.variant, self.layer, True)]
+        self.terms += [term(cfg.variant, extra, False) for extra in cfg.extra_layers]
+        if cfg.nt_addition:
+            self.terms.append(term("nt", self.layer, True))
+
+    # The main term (the only one by default): what the diagnostics and older callers read.
+    @property
+    def source(self) -> PAVSource:
+        return self.terms[0].source
+
+    @property
+    def plan(self) -> FixedTargets:
+        return self.terms[0].plan
+
+    @property
+    def state(self) -> Optional[SanitizationState]:
+        return self.terms[0].state
 
     @property
     def uses_sanitization(self) -> bool:
-        return self.cfg.lam > 0
+        return self.cfg.lam > 0 or self.cfg.lambda_mode == "grad_share"
 
     def current_targets(self, epoch: int) -> torch.Tensor:
         return self.plan.at(epoch)
 
     def _bind_layer(self, model) -> None:
-        """The layer named, or the model's last convolution; checked against the model."""
+        """The layers named, or the model's last convolution; checked against the model."""
         self.layer = self.layer or last_conv_name(model)
-        find_layer(model, self.layer)
-        self.source.layer = self.layer
+        for t in self.terms:
+            if t.follows_primary:
+                t.layer = self.layer
+            find_layer(model, t.layer)
+            t.source.layer = t.layer
+        layers = [t.layer for t in self.terms if not (t.follows_primary and t is not self.terms[0])]
+        if len(set(layers)) != len(layers):
+            raise ConfigError(f"PGBD: extra_layers repeat the main layer {self.layer!r}; name other layers")
 
     def start(self, model, train, normalize, hflip, device):
         self._bind_layer(model)
         self._probe = (train.images[:PROBE_SIZE], train.labels[:PROBE_SIZE])
         if not self.uses_sanitization:
             return
-        self.source.prepare(model, train, normalize, device)
-        self.state = self.source.estimate(model, train, self.current_targets(0), normalize, device)
+        for t in self.terms:
+            t.source.prepare(model, train, normalize, device)
+            t.state = t.source.estimate(model, train, t.plan.at(0), normalize, device)
 
     def begin_epoch(self, epoch, model, train, normalize, device):
-        if self.state is None:
-            return
-        targets = self.current_targets(epoch)
-        if self.cfg.update_gap and epoch > 0 and epoch % self.cfg.update_gap == 0:
-            self.state = self.source.estimate(model, train, targets, normalize, device, previous=self.state)
-        elif self.plan.cycles:
-            self.state = self.source.retarget(self.state, targets, device)
+        for t in self.terms:
+            if t.state is None:
+                continue
+            targets = t.plan.at(epoch)
+            if self.cfg.update_gap and epoch > 0 and epoch % self.cfg.update_gap == 0:
+                t.state = t.source.estimate(model, train, targets, normalize, device, previous=t.state)
+            elif t.plan.cycles:
+                t.state = t.source.retarget(t.state, targets, device)
 
     def hooks(self, model):
         self._bind_layer(model)
-        return capture(model, self.layer)
+        return capture(model, list(dict.fromkeys(t.layer for t in self.terms)))
 
     def lam_at(self, epoch: int) -> float:
+        """The fixed lambda of ``epoch`` (with warm-up); grad_share scales by the warm-up only."""
         w = self.cfg.warmup_epochs
-        return self.cfg.lam * min(1.0, (epoch + 1) / w) if w else self.cfg.lam
+        ramp = min(1.0, (epoch + 1) / w) if w else 1.0
+        return ramp * (1.0 if self.cfg.lambda_mode == "grad_share" else self.cfg.lam)
+
+    def _share_lambda(self, ce: torch.Tensor, ls: torch.Tensor, acts: torch.Tensor) -> float:
+        """lambda making ||lambda dL_s/da|| / (||dCE/da|| + ||lambda dL_s/da||) = grad_share."""
+        s = self.cfg.grad_share
+        (g_ce,) = torch.autograd.grad(ce, acts, retain_graph=True)
+        (g_s,) = torch.autograd.grad(ls, acts, retain_graph=True, allow_unused=True)
+        norm_s = 0.0 if g_s is None else float(g_s.norm())
+        return 0.0 if norm_s < _EPS else s / (1.0 - s) * float(g_ce.norm()) / norm_s
 
     def step(self, model, x, y, store, opt, epoch):
         logits = model(x)
-        if self.state is None:
-            loss = ce = torch.nn.functional.cross_entropy(logits, y)
-            ls = torch.zeros(())
-        else:
-            loss, ce, ls = pgbd_loss(logits, store[self.layer].flatten(1), y, self.state.means, self.state.pavs,
-                                     self.state.active, self.lam_at(epoch), self.cfg.form, self.cfg.reduction)
+        loss = ce = torch.nn.functional.cross_entropy(logits, y)
+        ls_total = torch.zeros(())
+        lams = []
+        for t in self.terms:
+            if t.state is None:
+                continue
+            s = t.state
+            acts = store[t.layer]
+            ls = sanitization_loss(acts.flatten(1), y, s.means, s.pavs, s.active, self.cfg.form, self.cfg.reduction)
+            lam = self.lam_at(epoch)
+            if self.cfg.lambda_mode == "grad_share":
+                lam *= self._share_lambda(ce, ls, acts)
+            loss = loss + lam * ls
+            ls_total = ls_total + ls.detach()
+            lams.append(lam)
         if torch.isfinite(loss):
             apply_update(model, opt, loss, self.cfg.grad_clip)
-        return {"loss": loss.detach(), "ce": ce.detach(), "sanitization": ls.detach(), "logits": logits.detach()}
+        out = {"loss": loss.detach(), "ce": ce.detach(), "sanitization": ls_total, "logits": logits.detach()}
+        if self.cfg.lambda_mode == "grad_share":
+            out["lambda"] = torch.tensor(sum(lams) / max(len(lams), 1))
+        return out
 
     def state_dict(self) -> dict:
-        state = self.state.to_payload() if self.state is not None else None
-        return {"layer": self.layer, "state": state, **self.source.state_dict()}
+        main = self.terms[0]
+        payload = {"layer": self.layer, "state": main.state.to_payload() if main.state is not None else None,
+                   **main.source.state_dict()}
+        if len(self.terms) > 1:  # the default's checkpoints keep their old shape
+            payload["more_terms"] = [{"layer": t.layer, "source": t.source.state_dict(),
+                                      "state": t.state.to_payload() if t.state is not None else None}
+                                     for t in self.terms[1:]]
+        return payload
 
     def load_state_dict(self, payload: dict, model, device: str) -> None:
         self.layer = payload["layer"]
         self._bind_layer(model)
-        self.source.load_state_dict(payload, device)
-        p = payload["state"]
-        self.state = None if p is None else SanitizationState.from_payload(p, device)
+        more = payload.get("more_terms", [])
+        if len(more) != len(self.terms) - 1:
+            raise ConfigError(f"PGBD checkpoint has {len(more) + 1} terms, these settings {len(self.terms)}")
+        main = self.terms[0]
+        main.source.load_state_dict(payload, device)
+        main.state = None if payload["state"] is None else SanitizationState.from_payload(payload["state"], device)
+        for t, p in zip(self.terms[1:], more):
+            t.source.load_state_dict(p["source"], device)
+            t.state = None if p["state"] is None else SanitizationState.from_payload(p["state"], device)
 
     def restore_data(self, train: ImageSet) -> None:
         self._probe = (train.images[:PROBE_SIZE], train.labels[:PROBE_SIZE])
-        self.source.restore_data(train)
+        for t in self.terms:
+            t.source.restore_data(train)
 
     def diagnostics(self, model, epoch: int, normalize: Normalizer, device: str,
                     poisoned: Optional[tuple] = None) -> Dict[str, float]:
-        """The sanitization term's numbers after ``epoch`` (``method/diagnostics.py``); evaluation
-        only. ``poisoned``: (triggered, plain, labels) test images for the PAVs' alignment."""
+        """The main term's numbers after ``epoch`` (``method/diagnostics.py``); evaluation only.
+        ``poisoned``: (triggered, plain, labels) test images for the PAVs' alignment. With
+        ``lambda_mode="grad_share"`` the gradient share is lambda 1's (the share itself is fixed by
+        construction; the lambdas chosen are the ``train_lambda_avg_over_batch`` column)."""
         if self.state is None:
             return {}
         s = self.state
@@ -225,7 +333,7 @@ class PGBDMethod(Method):
         return row
 
     def write_artifacts(self, out: Path) -> dict:
-        """The PAV source's files (ST-PGBD's trigger, the mapping's fit); what goes into summary.json."""
+        """The main PAV source's files (ST-PGBD's trigger, the mapping's fit); what goes into summary.json."""
         return self.source.artifacts(out)
 
 

@@ -253,7 +253,7 @@ def _split(value: Optional[str], default: Sequence[str]) -> List[str]:
     return [v.strip() for v in value.split(",") if v.strip()] if value else list(default)
 
 
-def _seeds(text: str, what: str) -> List[int]:
+def parse_seeds(text: str, what: str) -> List[int]:
     try:
         seeds = [int(v) for v in _split(text, [])]
     except ValueError:
@@ -320,7 +320,7 @@ def _table(args) -> int:
     datasets = _split(args.datasets, preset.datasets)
     attacks = _split(args.attacks, preset.attacks)
     defenses = _split(args.defenses, preset.defenses)
-    seeds, record_seeds = _seeds(args.seeds, "--seeds"), _seeds(args.attack_seeds, "--attack-seeds")
+    seeds, record_seeds = parse_seeds(args.seeds, "--seeds"), parse_seeds(args.attack_seeds, "--attack-seeds")
     changes = dict(parse_assignment(text) for text in args.changes)
     spec = GATES.get((args.preset, args.protocol, pratio))
     if args.check and spec is None:

@@ -213,6 +213,15 @@ FIELD_LIST = [
     _f("reduction", str, "sum", "the sanitization loss summed over the batch (the release) or averaged",
        presets={"cpu": "mean"}, choices=("sum", "mean"), uses={"pgbd": "reduction"}),
     _f("warmup_epochs", int, 0, "ramp lambda up over N epochs (0: off)", uses={"pgbd": "warmup_epochs"}),
+    _f("lambda_mode", str, "fixed", "fixed: lambda as given; grad_share: each batch's lambda chosen so that the "
+       "term's gradient at its layer is --grad-share of the total there (lambda is then ignored)",
+       choices=("fixed", "grad_share"), uses={"pgbd": "lambda_mode"}, neutral="fixed"),
+    _f("grad_share", float, 0.25, "lambda_mode grad_share: the term's share of the gradient norm at its layer "
+       "(0-1, exclusive)", uses={"pgbd": "grad_share"}, neutral=0.25),
+    _f("extra_layers", list, [], "PGBD: more layers, each with its own prototypes, PAVs and term (same lambda "
+       "rule), e.g. layer3.1.conv2", item=str, uses={"pgbd": "extra_layers"}, neutral=[]),
+    _f("nt_addition", bool, False, "PGBD: add NT-PGBD's cycling term (assumed target changing every --cycle "
+       "epochs) to the known target's, at the same layer", uses={"pgbd": "nt_addition"}, neutral=False),
     _f("clusters", int, 3, "k-means clusters per class; the prototype is the mean of their centroids",
        uses={"pgbd": "clusters"}),
     _f("update_gap", int, 5, "re-estimate prototypes every N epochs (0: never)", presets={"cpu": 0},
