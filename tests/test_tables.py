@@ -160,7 +160,8 @@ def test_grid_parsing_and_errors():
         parse_grid("epochs=1.5")
     # a list setting's items are joined by '+'; commas separate the axis' values
     assert parse_grid("nt_classes=1+2,3 extra_layers=layer3.1.conv2") == [
-        {"nt_classes": [1, 2], "extra_layers": ["layer3.1.conv2"]}, {"nt_classes": [3], "extra_layers": ["layer3.1.conv2"]}]
+        {"nt_classes": [1, 2], "extra_layers": ["layer3.1.conv2"]},
+        {"nt_classes": [3], "extra_layers": ["layer3.1.conv2"]}]
     with pytest.raises(GridError, match="takes list"):
         parse_grid("nt_classes=a+b")
     with pytest.raises(GridError, match="unknown grid key"):

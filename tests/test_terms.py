@@ -184,7 +184,8 @@ def test_extra_layer_terms_survive_a_checkpoint_round_trip(tiny_data):
     again = PGBDMethod(cfg, torch.zeros(10, dtype=torch.int64))
     again.load_state_dict(method.state_dict(), model, "cpu")
     for a, b in zip(method.terms, again.terms):
-        assert a.layer == b.layer and torch.equal(a.state.pavs, b.state.pavs) and torch.equal(a.state.means, b.state.means)
+        assert a.layer == b.layer
+        assert torch.equal(a.state.pavs, b.state.pavs) and torch.equal(a.state.means, b.state.means)
     single = PGBDMethod(PGBDConfig(epochs=1, lam=1.0, **SMALL), torch.zeros(10, dtype=torch.int64))
     with pytest.raises(ConfigError, match="terms"):
         single.load_state_dict(method.state_dict(), model, "cpu")
