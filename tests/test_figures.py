@@ -6,6 +6,7 @@ import csv
 import pytest
 import torch
 
+from pgbd_defense.experiments.figures import embed_2d
 from pgbd_defense.experiments.figures import main as figures
 from pgbd_defense.experiments.gradcam import grad_cam
 from pgbd_defense.formats.models import build_model
@@ -91,11 +92,34 @@ def tiny_record(tmp_path, tiny_data):
     return record
 
 
+def test_tsne_keeps_clusters_and_places_each_prototype_among_its_class():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.zeros(3, 8)
+    centres[0, 0], centres[1, 1], centres[2, 2] = 10.0, 10.0, 10.0
+    labels = torch.arange(3).repeat_interleave(15)
+    acts = centres[labels] + 0.5 * torch.randn(45, 8, generator=g)
+    bd = centres[0] + 0.5 * torch.randn(6, 8, generator=g)  # poisoned images sit with class 0
+    means = torch.stack([acts[labels == c].mean(0) for c in range(3)])
+    a2, b2, p2 = embed_2d(acts, bd, means, "tsne")
+    assert a2.shape == (45, 2) and b2.shape == (6, 2) and p2.shape == (3, 2)
+    a2, b2, p2 = (torch.as_tensor(v) for v in (a2, b2, p2))
+
+    def nearest_class(points):
+        return labels[torch.cdist(points, a2).argmin(1)].tolist()
+
+    d = torch.cdist(a2, a2).fill_diagonal_(float("inf"))
+    assert labels[d.argmin(1)].tolist() == labels.tolist()  # every point's nearest other point is of its class
+    assert nearest_class(p2) == [0, 1, 2]
+    assert nearest_class(b2) == [0] * 6
+    with pytest.raises(ValueError, match="projection"):
+        embed_2d(acts, bd, means, "umap")
+
+
 def test_alignment_and_gradcam_commands_write_png_and_csv(tiny_record, tiny_data, tmp_path):
     out = tmp_path / "fig"
     assert figures(["alignment", "--record", str(tiny_record), "--data-root", str(tiny_data), "--out", str(out),
-                    "--ratio", "0.5"]) == 0
-    for name in ("alignment.png", "projection.png"):
+                    "--ratio", "0.5", "--projection", "both"]) == 0
+    for name in ("alignment.png", "projection.png", "projection_tsne.png"):
         assert (out / name).read_bytes()[:8] == PNG
     rows = _csv_rows(out / "alignment.csv")
     assert {r["layer"] for r in rows} == {"layer2.1.conv2", "layer3.1.conv2", "layer4.1.conv2"}

@@ -79,8 +79,12 @@ def _clean_subset(record: AttackRecord, ratio: float, seed: int) -> ImageSet:
 
 # ---------------------------------------------------------------- alignment (Fig. 2)
 
+PROJECTIONS = ("pca", "tsne")
+
+
 def alignment_figure(record: AttackRecord, out: Path, ratio: float = 0.05, seed: int = 0,
-                     layers: Optional[List[str]] = None, device: str = "cpu") -> Dict[str, Path]:
+                     layers: Optional[List[str]] = None, device: str = "cpu",
+                     projections: Sequence[str] = ("pca",)) -> Dict[str, Path]:
     target = _single_target(record)
     normalize = record.normalizer()
     clean = _clean_subset(record, ratio, seed)
@@ -102,26 +106,51 @@ def alignment_figure(record: AttackRecord, out: Path, ratio: float = 0.05, seed:
     ax.legend(fontsize=7, loc="lower right")
     ax.set_title(f"{record.name}: does the PAV point where the trigger moves activations?", fontsize=8)
     paths["png"] = _save(fig, out / "alignment.png")
-    paths.update(projection_figure(record, clean, layers[-1], target, normalize, out, device))
+    for method in projections:
+        paths.update(projection_figure(record, clean, layers[-1], target, normalize, out, device, method=method))
     return paths
 
 
+def embed_2d(acts: torch.Tensor, bd: torch.Tensor, means: torch.Tensor, method: str = "pca"):
+    """Two-dimensional coordinates of clean activations, poisoned ones and prototypes.
+
+    ``pca``: the plane of the clean activations' two main components, every point projected on
+    it (distances along it are true). ``tsne``: scikit-learn's t-SNE of all points together (the
+    prototypes among them, as t-SNE cannot place a point it was not fitted on); it keeps
+    neighbourhoods, not distances or directions, so PAV arrows in it are only qualitative.
+    """
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=2, random_state=0).fit(acts.double().numpy())
+        return tuple(pca.transform(t.double().numpy()) for t in (acts, bd, means))
+    if method != "tsne":
+        raise ValueError(f"unknown projection {method!r}; choose one of {PROJECTIONS}")
+    from sklearn.manifold import TSNE
+
+    points = torch.cat([acts, bd, means]).double().numpy()
+    # perplexity must stay below the number of points; 30 is scikit-learn's default
+    tsne = TSNE(n_components=2, perplexity=min(30.0, (len(points) - 1) / 3), init="pca", random_state=0)
+    flat = tsne.fit_transform(points)
+    return flat[:len(acts)], flat[len(acts):len(acts) + len(bd)], flat[len(acts) + len(bd):]
+
+
 def projection_figure(record: AttackRecord, clean: ImageSet, layer: str, target: int, normalize: Normalizer,
-                      out: Path, device: str = "cpu", max_poisoned: int = 400) -> Dict[str, Path]:
-    """PCA of clean and poisoned activations of ``layer`` with prototypes and PAV arrows (Fig. 2 left)."""
-    from sklearn.decomposition import PCA
-
-
+                      out: Path, device: str = "cpu", max_poisoned: int = 400, method: str = "pca"
+                      ) -> Dict[str, Path]:
+    """Clean and poisoned activations of ``layer`` in two dimensions (``embed_2d``: PCA or
+    t-SNE) with prototypes and PAV arrows (Fig. 2 left; t-SNE as in the paper's appendix)."""
     triggered, _, bd_labels = paired_poisoned(record.bd_test, record.clean_test)
     acts = collect_activations(record.model, layer, clean.images, normalize, device=device)
     bd = collect_activations(record.model, layer, triggered[:max_poisoned], normalize, device=device)
     means = estimate_prototypes(acts, clean.labels, record.num_classes).means()
-    pca = PCA(n_components=2, random_state=0).fit(acts.double().numpy())
-    a2, b2, p2 = (pca.transform(t.double().numpy()) for t in (acts, bd, means))
+    a2, b2, p2 = embed_2d(acts, bd, means, method)
+    stem = "projection" if method == "pca" else f"projection_{method}"
     rows = ([{"x": a[0], "y": a[1], "kind": "clean", "label": int(y)} for a, y in zip(a2, clean.labels)]
             + [{"x": b[0], "y": b[1], "kind": "poisoned", "label": int(y)} for b, y in zip(b2, bd_labels)]
             + [{"x": p[0], "y": p[1], "kind": "prototype", "label": c} for c, p in enumerate(p2)])
-    paths = {"projection_csv": _write_csv(out / "projection.csv", rows)}
+    key = "projection" if method == "pca" else f"projection_{method}"
+    paths = {f"{key}_csv": _write_csv(out / f"{stem}.csv", rows)}
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     cmap = plt.get_cmap("tab10")
@@ -133,9 +162,10 @@ def projection_figure(record: AttackRecord, clean: ImageSet, layer: str, target:
             ax.annotate("", xy=p2[target], xytext=p, arrowprops={"arrowstyle": "->", "color": cmap(c % 10),
                                                                  "lw": 0.9, "alpha": 0.8})
     ax.set_title(f"{layer}: clean activations (by class), poisoned ones (x),\nprototypes (*) and PAVs "
-                 f"towards target {target} (PCA)", fontsize=8)
+                 f"towards target {target} ({'PCA' if method == 'pca' else 't-SNE: arrows qualitative'})",
+                 fontsize=8)
     ax.legend(fontsize=7, loc="best")
-    paths["projection_png"] = _save(fig, out / "projection.png")
+    paths[f"{key}_png"] = _save(fig, out / f"{stem}.png")
     return paths
 
 
@@ -301,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     common(a)
     a.add_argument("--ratio", type=float, default=0.05, help="clean share the prototypes come from")
     a.add_argument("--layers", help="comma-separated layers (default: last conv of the last three stages)")
+    a.add_argument("--projection", default="pca", choices=PROJECTIONS + ("both",),
+                   help="the activation-space scatter: PCA (projection.png), t-SNE (projection_tsne.png) or both")
     g = sub.add_parser("gradcam", help="Grad-CAM before and after a defense")
     common(g)
     g.add_argument("--defense-dir", help="a defense folder with defense_result.pt (default <record>/defense/pgbd)")
@@ -337,7 +369,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                         device=args.device)
         if args.figure == "alignment":
             layers = [v for v in (args.layers or "").split(",") if v] or None
-            paths = alignment_figure(record, out, args.ratio, args.seed, layers, args.device)
+            projections = PROJECTIONS if args.projection == "both" else (args.projection,)
+            paths = alignment_figure(record, out, args.ratio, args.seed, layers, args.device, projections)
         elif args.figure == "gradcam":
             defense_dir = Path(args.defense_dir or Path(args.record) / "defense" / "pgbd")
             if not (defense_dir / "defense_result.pt").is_file():
