@@ -54,7 +54,8 @@ def examples(tmp_path: Path, preset: str = "cpu") -> dict:
                "overlays": str(files["overlay.png"]), "data_root": str(tmp_path / "data"), "device": "cuda:1",
                "index": str(files["index.txt"]), "target": "3", "layer": "layer3", "mapping": str(files["teacher.pt"]),
                "adam_betas": [0.8, 0.99], "steplr_milestones": [2, 3], "nt_classes": [1, 2],
-               "inversion_classes": [0, 1, 2], "betas": [1.5, 2.5], "nad_layers": ["layer2", "layer3"]}
+               "inversion_classes": [0, 1, 2], "betas": [1.5, 2.5], "nad_layers": ["layer2", "layer3"],
+               "extra_layers": ["layer2"]}
     out = {}
     for name, f in FIELDS.items():
         now = base[name]
