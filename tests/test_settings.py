@@ -55,7 +55,7 @@ def examples(tmp_path: Path, preset: str = "cpu") -> dict:
                "index": str(files["index.txt"]), "target": "3", "layer": "layer3", "mapping": str(files["teacher.pt"]),
                "adam_betas": [0.8, 0.99], "steplr_milestones": [2, 3], "nt_classes": [1, 2],
                "inversion_classes": [0, 1, 2], "betas": [1.5, 2.5], "nad_layers": ["layer2", "layer3"],
-               "extra_layers": ["layer2"]}
+               "extra_layers": ["layer2"], "mmdr_layers": ["layer2"]}
     out = {}
     for name, f in FIELDS.items():
         now = base[name]
@@ -162,7 +162,8 @@ def test_bench_root_forwards_every_setting(bench, tmp_path, capfd, monkeypatch):
     values = examples(tmp_path)
     refused = {n for n, f in FIELDS.items() if set(f.uses) == {"attack"} and not f.attack_flag
                and n not in ("attack", "dataset", "model")}
-    assert refused == {"width", "attack_train_subset", "attack_augment", "trojan_optimize", "overlays"}
+    assert refused == {"width", "attack_train_subset", "attack_augment", "trojan_optimize", "overlays", "mmdr_lambda",
+                       "mmdr_layers"}
     given = {k: v for k, v in values.items() if k not in refused}
     assert main(["--bench-root", str(bench), "--dry-run", "--no-progress", *our_flags(given)]) == 0
     out = capfd.readouterr().out

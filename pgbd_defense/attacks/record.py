@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
@@ -48,6 +48,8 @@ class AttackSettings:
     trojan_optimize: bool = _D("trojan_optimize")  # Trojan: TrojanNN-style patch (False: fixed white watermark)
     overlays: str = _D("overlays")  # rof-tattoo / rof-mask: comma-separated RGBA PNGs instead of our overlays
     amp: bool = _D("amp")  # bfloat16 autocast while training
+    mmdr_lambda: float = _D("mmdr_lambda")  # ML-MMDR's penalty weight (0: the plain attack; mmdr.py)
+    mmdr_layers: List[str] = field(default_factory=lambda: _D("mmdr_layers"))
     seed: int = _D("random_seed")
 
     def problems(self) -> List[str]:
@@ -63,6 +65,9 @@ class AttackSettings:
             found.append(f"pratio={self.pratio} (must lie in (0, 1])")
         if self.lr <= 0 or self.width <= 0:
             found.append(f"attack_lr={self.lr}, width={self.width} (must be > 0)")
+        if self.mmdr_lambda < 0 or (self.mmdr_lambda > 0 and not self.mmdr_layers):
+            found.append(f"mmdr_lambda={self.mmdr_lambda}, mmdr_layers={list(self.mmdr_layers)} (a weight >= 0 and, "
+                         "when it is > 0, at least one layer)")
         if self.train_subset < 0:
             found.append(f"attack_train_subset={self.train_subset} (must be >= 0; 0: all)")
         if self.dataset in data_mod.INFO and not 0 <= self.target < data_mod.INFO[self.dataset].num_classes:
@@ -102,6 +107,9 @@ def record_name(s: AttackSettings) -> str:
         settings.pop("overlays")
     if not s.amp:  # added later still: full-precision records keep their names
         settings.pop("amp")
+    if not s.mmdr_lambda:  # and so do the plain attacks' records after ML-MMDR
+        settings.pop("mmdr_lambda")
+        settings.pop("mmdr_layers")
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     return f"{s.attack}_{ratio}_{s.dataset}_{s.model}_{digest}"
 
@@ -136,14 +144,16 @@ def build_attack_record(folder: Path, s: AttackSettings, data_root: Optional[str
     bd_train = attack.poison_train(train)
     bd_test = attack.poison_test(test)
     images, labels = attack.training_set(bd_train)
+    poisoned = bd_train.poison_indicator  # training_set keeps bd_train's order (WaNet warps in place)
     if s.train_subset and s.train_subset < len(labels):
         # A CPU budget: train on a seeded subset of the poisoned split (same poisoning share).
         keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(s.seed + 1))[: s.train_subset]
-        images, labels = images[keep], labels[keep]
+        images, labels, poisoned = images[keep], labels[keep], poisoned[keep]
     torch.manual_seed(s.seed)
     model = build_model(s.model, info.num_classes, channels, s.width)
     train_classifier(model, images, labels, normalize, s.epochs, lr=s.lr, batch_size=s.batch_size,
-                     augment=s.augment, hflip=info.hflip, seed=s.seed, device=device, amp=s.amp)
+                     augment=s.augment, hflip=info.hflip, seed=s.seed, device=device, amp=s.amp,
+                     poisoned=poisoned, mmdr_lambda=s.mmdr_lambda, mmdr_layers=s.mmdr_layers)
     metrics = evaluate(model, test, bd_test, normalize, device=device)
     log.info("backdoored model: CA %.4f ASR %.4f RA %.4f", metrics["test_acc"], metrics["test_asr"], metrics["test_ra"])
     write_attack_record(folder, model=model, model_name=s.model, num_classes=info.num_classes,

@@ -135,6 +135,11 @@ FIELD_LIST = [
     _f("trojan_optimize", bool, True,
        "trojan: optimize the patch to excite a neuron (TrojanNN) or stamp a fixed white one",
        uses={"attack": "trojan_optimize"}),
+    _f("mmdr_lambda", float, 0.0, "ML-MMDR (Xia et al., TDSC 2022): weight of the MMD between clean and poisoned "
+       "samples' activations added to the attack's training loss (0: off, the plain attack)",
+       uses={"attack": "mmdr_lambda"}, neutral=0.0),
+    _f("mmdr_layers", list, ["layer3", "layer4"], "ML-MMDR: the layers whose activations it pulls together",
+       item=str, uses={"attack": "mmdr_layers"}, neutral=["layer3", "layer4"]),
     _f("overlays", str, "", "rof-tattoo / rof-mask: comma-separated RGBA PNG overlays (default: ours)",
        uses={"attack": "overlays"}),
     # ------------------------------------------------------------------ run: data, subset, evaluation
