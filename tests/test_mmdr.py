@@ -14,6 +14,8 @@ from pgbd_defense.experiments.table2 import PRESETS
 from pgbd_defense.formats.models import build_model
 from pgbd_defense.formats.records import load_attack_record
 
+from .test_figures import tiny_record  # noqa: F401  (the fixture)
+
 
 def _literal_mmd2(x, y, scales, base):
     """Three double loops over the points, as the definition reads."""
@@ -97,3 +99,27 @@ def test_adaptive_record_round_trip_and_names(tmp_path, tiny_data):
     s = PRESETS["ci"].attack_settings("wanet*", "fashion-mnist", 0.1, "equal-budget", 0)
     assert s.attack == "wanet" and s.mmdr_lambda > 0 and s.mmdr_layers
     assert PRESETS["ci"].attack_settings("wanet", "fashion-mnist", 0.1, "equal-budget", 0).mmdr_lambda == 0.0
+
+
+def test_separation_is_chance_for_identical_sets_and_perfect_for_shifted_ones():
+    from pgbd_defense.method.separation import separation_from_activations
+
+    g = torch.Generator().manual_seed(2)
+    plain = torch.randn(200, 6, generator=g)
+    same = separation_from_activations(plain, plain.clone())
+    assert same["mmd2"] == pytest.approx(0.0, abs=1e-6)
+    assert 0.4 <= same["probe_accuracy"] <= 0.6  # twins on one side: nothing to learn
+    shifted = separation_from_activations(plain, plain + torch.tensor([10.0, 0, 0, 0, 0, 0]))
+    assert shifted["probe_accuracy"] == 1.0 and shifted["mmd2"] > 0.1
+    with pytest.raises(ValueError, match="paired rows"):
+        separation_from_activations(plain[:3], plain[:3])
+
+
+def test_separation_command_writes_a_row_per_layer(tiny_record, tiny_data, tmp_path):
+    from pgbd_defense.experiments.figures import main as figures
+
+    out = tmp_path / "sep"
+    assert figures(["separation", "--record", str(tiny_record), "--data-root", str(tiny_data), "--out", str(out),
+                    "--layers", "layer3,layer4", "--max-images", "20"]) == 0
+    lines = (out / "separation.csv").read_text().splitlines()
+    assert lines[0].startswith("layer,mmd2,probe_accuracy,images") and len(lines) == 3
