@@ -70,3 +70,15 @@ def real_badnet(tmp_path_factory):
     folder = root / record_name(settings)
     metrics = build_attack_record(folder, settings)
     return root, folder, metrics
+
+
+@pytest.fixture
+def tiny_record(tmp_path, tiny_data):
+    """A BadNets record (2 attack epochs) on the tiny MNIST-layout data, with one PGBD run."""
+    from pgbd_defense.run import main as run
+
+    assert run(["--attack", "badnet", "--dataset", "mnist", "--data-root", str(tiny_data), "--record-root",
+                str(tmp_path / "record"), "--attack-epochs", "2", "--epochs", "1", "--ratio", "0.5",
+                "--no-progress"]) == 0
+    (record,) = (tmp_path / "record").iterdir()
+    return record

@@ -11,7 +11,6 @@ from pgbd_defense.experiments.figures import main as figures
 from pgbd_defense.experiments.gradcam import grad_cam
 from pgbd_defense.formats.models import build_model
 from pgbd_defense.method.alignment import alignment_from_activations, last_stage_convs
-from pgbd_defense.run import main as run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -83,13 +82,6 @@ def _csv_rows(path):
         return list(csv.DictReader(f))
 
 
-@pytest.fixture
-def tiny_record(tmp_path, tiny_data):
-    assert run(["--attack", "badnet", "--dataset", "mnist", "--data-root", str(tiny_data), "--record-root",
-                str(tmp_path / "record"), "--attack-epochs", "2", "--epochs", "1", "--ratio", "0.5",
-                "--no-progress"]) == 0
-    (record,) = (tmp_path / "record").iterdir()
-    return record
 
 
 def test_tsne_keeps_clusters_and_places_each_prototype_among_its_class():

@@ -14,8 +14,6 @@ from pgbd_defense.experiments.table2 import PRESETS
 from pgbd_defense.formats.models import build_model
 from pgbd_defense.formats.records import load_attack_record
 
-from .test_figures import tiny_record  # noqa: F401  (the fixture)
-
 
 def _literal_mmd2(x, y, scales, base):
     """Three double loops over the points, as the definition reads."""
