@@ -107,6 +107,31 @@ def test_tsne_keeps_clusters_and_places_each_prototype_among_its_class():
         embed_2d(acts, bd, means, "umap")
 
 
+def test_true_trigger_region_by_hand():
+    from pgbd_defense.experiments.figures import true_trigger_region
+
+    plain = torch.zeros(2, 1, 3, 3, dtype=torch.uint8)
+    triggered = plain.clone()
+    triggered[:, 0, 2, 2] = 200  # the patch
+    triggered[0, 0, 0, 0] = 10  # mean change 5: under a tenth of 200
+    region = true_trigger_region(triggered, plain)
+    assert region.tolist() == [[False, False, False], [False, False, False], [False, False, True]]
+
+
+def test_inversion_command_compares_both_methods(tiny_record, tiny_data, tmp_path):
+    out = tmp_path / "inv"
+    assert figures(["inversion", "--record", str(tiny_record), "--data-root", str(tiny_data), "--out", str(out),
+                    "--ratio", "0.5", "--steps", "20"]) == 0
+    rows = _csv_rows(out / "inversion.csv")
+    assert [r["method"] for r in rows] == ["nc", "tao"]
+    assert all(0 <= float(r["overlap_true_region"]) <= 1 and 0 <= float(r["flip_rate"]) <= 1 for r in rows)
+    assert int(rows[0]["true_region_pixels"]) > 0
+    for m in ("nc", "tao"):
+        assert (out / f"inversion_{m}.png").read_bytes()[:8] == PNG
+    assert figures(["inversion", "--record", str(tiny_record), "--data-root", str(tiny_data), "--out", str(out),
+                    "--methods", "nc,abs"]) == 2
+
+
 def test_alignment_and_gradcam_commands_write_png_and_csv(tiny_record, tiny_data, tmp_path):
     out = tmp_path / "fig"
     assert figures(["alignment", "--record", str(tiny_record), "--data-root", str(tiny_data), "--out", str(out),

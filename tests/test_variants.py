@@ -9,7 +9,15 @@ import torch
 
 from pgbd_defense.datasets import ImageSet
 from pgbd_defense.datasets.batches import Normalizer
-from pgbd_defense.method.inversion import InversionConfig, Trigger, anomaly_indices, infer_target, invert_trigger
+from pgbd_defense.method.inversion import (
+    InversionConfig,
+    Trigger,
+    anomaly_indices,
+    infer_target,
+    invert_trigger,
+    pixel_count,
+    trigger_overlap,
+)
 from pgbd_defense.method.mapping import (
     LinearMap,
     MappingConfig,
@@ -89,6 +97,37 @@ def test_inverted_trigger_sits_where_the_evidence_is():
     assert corner > 0.9, trig.mask
     assert trig.norm < 9.0  # never more than the corner itself
     assert model.scale.requires_grad and model.training  # the model is left as it was
+
+
+def test_tao_pixel_count_and_additive_stamp_by_hand():
+    # per pixel: max over channels of tanh(raw / 10) / (2 - 1e-7) + 0.5
+    raw = torch.tensor([[[0.0, 10.0], [-10.0, 0.0]], [[5.0, -20.0], [0.0, 0.0]]])
+    s = [math.tanh(v / 10) / (2 - 1e-7) + 0.5 for v in (0.0, 10.0, -10.0, 5.0, -20.0)]
+    expected = max(s[0], s[3]) + max(s[1], s[4]) + max(s[2], s[0]) + s[0]
+    assert float(pixel_count(raw)) == pytest.approx(expected, rel=1e-6)
+    delta = torch.zeros(1, 2, 2)
+    delta[0, 0, 0], delta[0, 1, 1] = 0.5, -1.0
+    t = Trigger(0, (delta.abs().sum(0) > 0)[None].float(), delta, 2.0, 1.0, "additive")
+    out = t.apply(torch.tensor([[[[10, 200], [30, 40]]]], dtype=torch.uint8))
+    # x + delta in [0, 1], clipped: 10/255 + 0.5 -> 137.5 -> 138 (round half to even: 138), 40 - 255 -> 0
+    assert out.tolist() == [[[[138, 200], [30, 0]]]]
+    region = torch.zeros(2, 2, dtype=torch.bool)
+    region[0, 0] = True
+    assert trigger_overlap(t, region) == 0.5  # one of the two changed pixels lies in the region
+
+
+def test_tao_inversion_changes_only_the_corner_and_flips():
+    model = CornerDetector(target=2)
+    trig = invert_trigger(model, dark_images(), 2, IDENTITY,
+                          InversionConfig(steps=300, batch_size=16, method="tao"))
+    corner = torch.zeros(12, 12, dtype=torch.bool)
+    corner[:3, :3] = True
+    assert trig.kind == "additive" and trig.flip_rate >= 0.95
+    assert trigger_overlap(trig, corner) > 0.9, trig.mask
+    assert trig.norm <= 9  # at most the corner's 9 pixels changed
+    assert model.scale.requires_grad and model.training  # the model is left as it was
+    with pytest.raises(ValueError, match="method"):
+        invert_trigger(model, dark_images(), 2, IDENTITY, InversionConfig(method="abs"))
 
 
 def test_inference_flags_the_class_with_a_shortcut():

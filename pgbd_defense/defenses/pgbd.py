@@ -68,6 +68,7 @@ class PGBDConfig(LoopConfig):
         cycle: NT-PGBD changes its assumed target every this many epochs (paper: 3 for 10 classes).
         nt_classes: the classes NT-PGBD cycles through, in order (empty: all, 0..K-1).
         st_steps, st_batch_size: ST-PGBD's trigger search (optimizer steps, images per step).
+        inversion: ST-PGBD's search, ``nc`` (Neural Cleanse) or ``tao`` (Tao et al., the paper's).
         mapping_components, mapping_steps: the teacher mapping's PCA channels and step budget.
         proto_memory_mb: a class whose activations need more memory than this is clustered
             by streaming MiniBatchKMeans instead of holding them all (see ``stream_prototypes``).
@@ -103,6 +104,7 @@ class PGBDConfig(LoopConfig):
     proto_memory_mb: float = _D("proto_memory_mb")
     st_steps: int = _D("st_steps")
     st_batch_size: int = _D("st_batch_size")
+    inversion: str = _D("inversion")
     mapping_components: int = _D("mapping_components")
     mapping_steps: int = _D("mapping_steps")
 
@@ -134,6 +136,8 @@ class PGBDConfig(LoopConfig):
                          "target's: use variant pgbd, or nt-pgbd alone)")
         if len(set(self.extra_layers)) != len(self.extra_layers) or (self.layer and self.layer in self.extra_layers):
             found.append(f"extra_layers={list(self.extra_layers)} repeat a layer (layer={self.layer!r})")
+        if self.inversion not in ("nc", "tao"):
+            found.append(f"inversion={self.inversion!r} (choose nc, tao)")
         if self.cycle < 1:
             found.append(f"cycle={self.cycle} (must be >= 1)")
         for name in ("st_steps", "st_batch_size", "mapping_components", "mapping_steps"):
@@ -186,7 +190,8 @@ class PGBDMethod(Method):
             # Built (and checked: NT's classes, ST's one target) now; a missing layer is bound in start.
             source, plan = make_variant(
                 variant, self.targets, at, protos, cycle=cfg.cycle, nt_classes=cfg.nt_classes,
-                st_steps=cfg.st_steps, st_batch_size=cfg.st_batch_size, teacher_features=teacher_features,
+                st_steps=cfg.st_steps, st_batch_size=cfg.st_batch_size, st_inversion=cfg.inversion,
+                teacher_features=teacher_features,
                 mapping_components=cfg.mapping_components, mapping_steps=cfg.mapping_steps)
             return Term(at, source, plan, follows)
 

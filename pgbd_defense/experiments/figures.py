@@ -23,9 +23,10 @@ import torch
 
 from ..datasets import ImageSet
 from ..datasets.batches import Normalizer
-from ..errors import UserError
+from ..errors import ConfigError, UserError
 from ..formats.records import AttackRecord, RecordError, load_attack_record, load_defense_result
 from ..method.alignment import last_stage_convs, layer_alignment, paired_poisoned
+from ..method.inversion import METHODS, InversionConfig, invert_trigger, save_trigger_png, trigger_overlap
 from ..method.prototypes import collect_activations, estimate_prototypes
 from ..method.separation import layer_separation
 from ..pipeline import draw_clean_subset
@@ -181,6 +182,38 @@ def separation_table(record: AttackRecord, out: Path, layers: Optional[List[str]
         log.info("%s: MMD^2 %.4f, linear probe %.3f on %d pairs", r["layer"], r["mmd2"], r["probe_accuracy"],
                  r["images"])
     return {"csv": _write_csv(out / "separation.csv", [{**r, "record": record.name} for r in rows])}
+
+
+def true_trigger_region(triggered: torch.Tensor, plain: torch.Tensor, share: float = 0.1) -> torch.Tensor:
+    """(H, W) pixels where the real trigger changes images: their mean absolute change over the
+    poisoned test images exceeds ``share`` of the largest mean change."""
+    change = (triggered.float() - plain.float()).abs().mean((0, 1))
+    return change > share * float(change.max()) if float(change.max()) > 0 else torch.zeros_like(change, dtype=bool)
+
+
+def inversion_table(record: AttackRecord, out: Path, methods: Sequence[str] = METHODS, ratio: float = 0.05,
+                    seed: int = 0, steps: int = 300, batch_size: int = 32, device: str = "cpu") -> Dict[str, Path]:
+    """Each inversion method's trigger for the record's target on the defender's clean subset:
+    its size (mask L1 or changed pixels), flip rate on the subset's other classes, and the share
+    of it inside the true trigger's region; ``inversion.csv`` and one PNG per method."""
+    target = _single_target(record)
+    clean = _clean_subset(record, ratio, seed)
+    triggered, plain, _ = paired_poisoned(record.bd_test, record.clean_test)
+    region = true_trigger_region(triggered, plain)
+    rows, paths = [], {}
+    for method in methods:
+        cfg = InversionConfig(steps=steps, batch_size=batch_size, seed=seed, method=method)
+        trig = invert_trigger(record.model, clean, target, record.normalizer(), cfg, device)
+        rows.append({"record": record.name, "method": method, "target": target, "size": round(trig.norm, 3),
+                     "size_unit": "changed pixels" if trig.kind == "additive" else "mask L1",
+                     "changed_pixels": int((trig.support() > 0.5).sum()), "flip_rate": round(trig.flip_rate, 4),
+                     "overlap_true_region": round(trigger_overlap(trig, region), 4),
+                     "true_region_pixels": int(region.sum())})
+        paths[f"{method}_png"] = save_trigger_png(trig, out / f"inversion_{method}.png")
+        log.info("%s: size %.1f, flips %.1f%%, %.0f%% inside the true trigger's %d pixels", method, trig.norm,
+                 100 * trig.flip_rate, 100 * rows[-1]["overlap_true_region"], rows[-1]["true_region_pixels"])
+    paths["csv"] = _write_csv(out / "inversion.csv", rows)
+    return paths
 
 
 # ---------------------------------------------------------------- Grad-CAM (Fig. 4)
@@ -352,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--layers", help="comma-separated layers (default: layer3,layer4, ML-MMDR's)")
     sp.add_argument("--max-images", type=int, default=500, help="poisoned test images (paired with their clean "
                                                                       "versions)")
+    iv = sub.add_parser("inversion", help="the record's target trigger by each inversion method: size, flip rate, "
+                                          "overlap with the true trigger")
+    common(iv)
+    iv.add_argument("--methods", default=",".join(METHODS), help="comma-separated: nc, tao")
+    iv.add_argument("--ratio", type=float, default=0.05, help="clean share the search runs on")
+    iv.add_argument("--steps", type=int, default=300)
     g = sub.add_parser("gradcam", help="Grad-CAM before and after a defense")
     common(g)
     g.add_argument("--defense-dir", help="a defense folder with defense_result.pt (default <record>/defense/pgbd)")
@@ -383,13 +422,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise RecordError(f"--param {args.param} varies PGBD on one record: give --record")
         out = Path(args.out or (Path(args.record) / "figures" if args.record else "out/figures"))
         out.mkdir(parents=True, exist_ok=True)
-        if args.figure in ("alignment", "gradcam", "separation"):
+        if args.figure in ("alignment", "gradcam", "separation", "inversion"):
             record = load_attack_record(args.record, data_root=args.data_root, trust=args.trust_record,
                                         device=args.device)
         if args.figure == "alignment":
             layers = [v for v in (args.layers or "").split(",") if v] or None
             projections = PROJECTIONS if args.projection == "both" else (args.projection,)
             paths = alignment_figure(record, out, args.ratio, args.seed, layers, args.device, projections)
+        elif args.figure == "inversion":
+            methods = [m for m in args.methods.split(",") if m]
+            bad = [m for m in methods if m not in METHODS]
+            if bad:
+                raise ConfigError(f"--methods {bad}: choose from {', '.join(METHODS)}")
+            paths = inversion_table(record, out, methods, args.ratio, args.seed, args.steps, device=args.device)
         elif args.figure == "separation":
             layers = [v for v in (args.layers or "").split(",") if v] or None
             paths = separation_table(record, out, layers, args.max_images, args.seed, args.device)

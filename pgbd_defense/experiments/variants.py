@@ -143,7 +143,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             row["note"] = f"inferred {inf['target']} ({'flagged' if inf['flagged'] else 'top of ranking'})"
         if label == "st-pgbd" and "synthesized_trigger" in result:
             st = result["synthesized_trigger"]
-            row["note"] = f"trigger mask L1 {st['mask_l1']:.1f}, flips {100 * st['flip_rate']:.0f}% of D_S"
+            size = st.get("mask_l1", st.get("changed_pixels", 0.0))
+            row["note"] = (f"trigger ({st.get('method', 'nc')}) size {size:.1f}, flips {100 * st['flip_rate']:.0f}% "
+                           "of D_S")
         if result["status"] == "failed":
             row["note"] = str(result.get("error", ""))
         rows.append(row)

@@ -13,9 +13,12 @@ outliers of the masks' L1 norms by their anomaly index (distance to the median
 in units of 1.4826 x the median absolute deviation; flagged above 2, below the
 median only), by default on the logarithm of the norms (see :func:`anomaly_indices`).
 
-ST-PGBD uses the inverted trigger of its target to build D_S' (the paper uses
-Tao et al., CVPR 2022; this mask-and-pattern search is the Neural Cleanse
-objective, see docs/variants.md).
+ST-PGBD uses the inverted trigger of its target to build D_S'. The paper uses Tao et
+al. ("Better Trigger Inversion Optimization in Backdoor Scanning", CVPR 2022), which
+``method="tao"`` follows (:func:`invert_tao`): no mask, an additive perturbation
+x + P+ - P- whose *number of changed pixels* is penalized through a smooth count, values
+below one grey level pruned, the same cost schedule. ``method="nc"`` (the default) is the
+Neural Cleanse mask-and-pattern search above. docs/variants.md compares the two.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from ..util.progress import progress
 log = logging.getLogger(__name__)
 
 MAD_CONSISTENCY = 1.4826  # makes the MAD a consistent estimator of a normal distribution's sigma
+METHODS = ("nc", "tao")
 
 
 @dataclass
@@ -49,7 +53,9 @@ class InversionConfig:
     lr: Adam's step size on the mask's and pattern's logits; init_cost: the
     weight of the mask's L1 norm at the start (Neural Cleanse: 1e-3); cost_factor: the schedule's multiplier;
     patience: steps of success (or failure) before the cost moves; success: the
-    flip rate that counts as success; seed: draws of the batches and the start.
+    flip rate that counts as success; seed: draws of the batches and the start;
+    method: ``nc`` (Neural Cleanse's mask and pattern) or ``tao`` (Tao et al.'s additive,
+    pixel-count-penalized perturbation).
     """
 
     steps: int = preset_default("inversion_steps")
@@ -60,9 +66,12 @@ class InversionConfig:
     patience: int = 10
     success: float = 0.95
     seed: int = 0
+    method: str = "nc"
 
     def problems(self) -> List[str]:
         found = []
+        if self.method not in METHODS:
+            found.append(f"method={self.method!r} (choose {', '.join(METHODS)})")
         for name in ("steps", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 found.append(f"{name}={getattr(self, name)} (must be >= 1)")
@@ -76,20 +85,40 @@ class InversionConfig:
 
 @dataclass
 class Trigger:
-    """An inverted trigger for ``target``: its mask, pattern, mask L1 norm (sum of
-    the mask's values) and the share of non-target images it flips to the target."""
+    """An inverted trigger for ``target`` and the share of non-target images it flips.
+
+    ``kind="blend"`` (Neural Cleanse): ``mask`` (1, H, W) and ``pattern`` (C, H, W) in [0, 1],
+    stamped as (1 - m) x + m p; ``norm`` is the mask's L1 norm. ``kind="additive"`` (Tao et
+    al.): ``pattern`` is the perturbation (C, H, W) in [-1, 1], stamped as clip(x + pattern);
+    ``mask`` marks the pixels it changes and ``norm`` counts them."""
 
     target: int
     mask: torch.Tensor
     pattern: torch.Tensor
     norm: float
     flip_rate: float
+    kind: str = "blend"
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, C, H, W) images -> the same images carrying the trigger (uint8)."""
         x = images.float() / 255.0
-        out = (1 - self.mask) * x + self.mask * self.pattern
+        if self.kind == "additive":
+            out = x + self.pattern
+        else:
+            out = (1 - self.mask) * x + self.mask * self.pattern
         return (out * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+    def support(self) -> torch.Tensor:
+        """(H, W) weight of each pixel in the trigger: the mask, or the changed pixels."""
+        return self.mask[0].float()
+
+
+def trigger_overlap(trigger: Trigger, true_region: torch.Tensor) -> float:
+    """Share of the trigger's support (mask mass, or changed pixels) inside ``true_region``
+    (H, W, boolean: where the real trigger changes images)."""
+    w = trigger.support()
+    total = float(w.sum())
+    return float((w * true_region.float()).sum()) / total if total > 0 else 0.0
 
 
 def stamp_normalized(x01: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor,
@@ -101,7 +130,8 @@ def stamp_normalized(x01: torch.Tensor, mask: torch.Tensor, pattern: torch.Tenso
 
 def invert_trigger(model: torch.nn.Module, clean: ImageSet, target: int, normalize: Normalizer,
                    cfg: InversionConfig = InversionConfig(), device: str = "cpu") -> Trigger:
-    """The smallest-mask trigger found for ``target`` (model in eval mode, weights untouched).
+    """The smallest trigger found for ``target`` by ``cfg.method`` (model in eval mode, weights
+    untouched).
 
     The images of ``target`` itself are left out: the trigger must move the others.
     Returns the smallest-norm trigger that flipped ``cfg.success`` of a fixed check batch,
@@ -113,6 +143,16 @@ def invert_trigger(model: torch.nn.Module, clean: ImageSet, target: int, normali
     if len(pool) == 0:
         raise ConfigError(f"no clean image outside class {target} to invert a trigger with")
     gen = torch.Generator().manual_seed(cfg.seed + 1000 * target)
+    search = invert_tao if cfg.method == "tao" else invert_nc
+    with eval_mode(model), frozen_weights(model):
+        best = search(model, pool, target, normalize, cfg, gen, device)
+        best.flip_rate = flip_rate(model, clean, best, normalize, device)
+    return best
+
+
+def invert_nc(model, pool: torch.Tensor, target: int, normalize: Normalizer, cfg: InversionConfig,
+              gen: torch.Generator, device: str) -> Trigger:
+    """Neural Cleanse's search on ``pool`` (uint8 non-target images), see the module's docstring."""
     _, c, h, w = pool.shape
     mask_logit = (torch.randn(1, 1, h, w, generator=gen) * 0.1 - 2.0).to(device).requires_grad_(True)
     pattern_logit = (torch.randn(1, c, h, w, generator=gen) * 0.1).to(device).requires_grad_(True)
@@ -122,37 +162,114 @@ def invert_trigger(model: torch.nn.Module, clean: ImageSet, target: int, normali
     cost, up, down = cfg.init_cost, 0, 0
     best: Optional[Trigger] = None
     last_flip = 0.0
-    with eval_mode(model), frozen_weights(model):
-        for step in range(1, cfg.steps + 1):
-            idx = torch.randint(0, len(pool), (min(cfg.batch_size, len(pool)),), generator=gen)
-            x01 = pool[idx].to(device).float() / 255.0
-            mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
-            logits = model(stamp_normalized(x01, mask, pattern, normalize))
-            y = torch.full((len(x01),), target, device=device)
-            loss = F.cross_entropy(logits, y) + cost * mask.sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            flip = float((logits.argmax(1) == target).float().mean())
-            # Neural Cleanse's cost schedule: a trigger that works may shrink, one that fails may grow.
-            up, down = (up + 1, 0) if flip >= cfg.success else (0, down + 1)
-            if up >= cfg.patience:
-                cost, up = (cost * cfg.cost_factor if cost > 0 else cfg.init_cost or 1e-3), 0
-            elif down >= cfg.patience:
-                cost, down = cost / cfg.cost_factor, 0
-            if step % cfg.patience == 0 or step == cfg.steps:
-                with torch.no_grad():
-                    mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
-                    last_flip = float((model(stamp_normalized(check, mask, pattern, normalize)).argmax(1) == target)
-                                      .float().mean())
-                norm = float(mask.sum())
-                if last_flip >= cfg.success and (best is None or norm < best.norm):
-                    best = Trigger(target, mask.cpu()[0], pattern.cpu()[0], norm, last_flip)
-        if best is None:
-            mask, pattern = torch.sigmoid(mask_logit).detach().cpu()[0], torch.sigmoid(pattern_logit).detach().cpu()[0]
-            best = Trigger(target, mask, pattern, float(mask.sum()), last_flip)
-        best.flip_rate = flip_rate(model, clean, best, normalize, device)
+    for step in range(1, cfg.steps + 1):
+        idx = torch.randint(0, len(pool), (min(cfg.batch_size, len(pool)),), generator=gen)
+        x01 = pool[idx].to(device).float() / 255.0
+        mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
+        logits = model(stamp_normalized(x01, mask, pattern, normalize))
+        y = torch.full((len(x01),), target, device=device)
+        loss = F.cross_entropy(logits, y) + cost * mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        flip = float((logits.argmax(1) == target).float().mean())
+        cost, up, down = _schedule(cost, up, down, flip, cfg)
+        if step % cfg.patience == 0 or step == cfg.steps:
+            with torch.no_grad():
+                mask, pattern = torch.sigmoid(mask_logit), torch.sigmoid(pattern_logit)
+                last_flip = float((model(stamp_normalized(check, mask, pattern, normalize)).argmax(1) == target)
+                                  .float().mean())
+            norm = float(mask.sum())
+            if last_flip >= cfg.success and (best is None or norm < best.norm):
+                best = Trigger(target, mask.cpu()[0], pattern.cpu()[0], norm, last_flip)
+    if best is None:
+        mask, pattern = torch.sigmoid(mask_logit).detach().cpu()[0], torch.sigmoid(pattern_logit).detach().cpu()[0]
+        best = Trigger(target, mask, pattern, float(mask.sum()), last_flip)
     return best
+
+
+def _schedule(cost: float, up: int, down: int, flip: float, cfg: InversionConfig, down_power: float = 1.0):
+    """Neural Cleanse's cost schedule: after ``patience`` steps of success the cost rises (a
+    trigger that works may shrink), after ``patience`` of failure it falls, by
+    cost_factor ** down_power (Neural Cleanse: 1; Tao et al.'s code: 1.5)."""
+    up, down = (up + 1, 0) if flip >= cfg.success else (0, down + 1)
+    if up >= cfg.patience:
+        cost, up = (cost * cfg.cost_factor if cost > 0 else cfg.init_cost or 1e-3), 0
+    elif down >= cfg.patience:
+        cost, down = cost / cfg.cost_factor ** down_power, 0
+    return cost, up, down
+
+
+def pixel_count(raw: torch.Tensor) -> torch.Tensor:
+    """Tao et al.'s smooth count of changed pixels: per pixel the largest over channels of
+    tanh(raw / 10) / 2 + 0.5, summed over the image (raw: the unclamped perturbation, C x H x W;
+    it falls as raw goes below 0, where the clamped perturbation is 0)."""
+    return (torch.tanh(raw / 10) / (2 - 1e-7) + 0.5).amax(0).sum()
+
+
+def _prune(t: torch.Tensor) -> torch.Tensor:
+    """Values below one grey level (1/255) set to 0: they change no uint8 pixel."""
+    return torch.where(t.abs() < 1 / 255, torch.zeros_like(t), t)
+
+
+def invert_tao(model, pool: torch.Tensor, target: int, normalize: Normalizer, cfg: InversionConfig,
+               gen: torch.Generator, device: str) -> Trigger:
+    """Tao et al.'s search (as their PixelBackdoor code, used by the MCL release, does it):
+    two raw tensors P+ and P- (C x H x W, started uniform in [0, 1]), the perturbation
+    clamp(P+, 0, 1) - clamp(P-, 0, 1) added to the image and clipped to [0, 1]; loss
+    cross-entropy towards ``target`` + cost * (pixel_count(P+) + pixel_count(P-)), Adam
+    (lr, betas 0.5/0.9) with Neural Cleanse's cost schedule. Every ``patience`` steps the
+    perturbation is pruned (values under 1/255 zeroed) and judged on a fixed check batch; a
+    pruned candidate that flips ``cfg.success`` with fewer changed pixels than the best so far
+    becomes the best, and the search restarts from it (P+ and P- reset to its parts).
+
+    What differs from the release: it judges and schedules once per pass over the data (100
+    passes); here once per ``patience`` optimizer steps (the same steps budget as the Neural
+    Cleanse search), its random start is seeded, and the target class's own images are left out
+    (as for Neural Cleanse: the trigger must move the other classes)."""
+    _, c, h, w = pool.shape
+    plus = torch.rand(c, h, w, generator=gen).to(device).requires_grad_(True)
+    minus = torch.rand(c, h, w, generator=gen).to(device).requires_grad_(True)
+    opt = torch.optim.Adam([plus, minus], lr=cfg.lr, betas=(0.5, 0.9))
+    check = pool[torch.randperm(len(pool), generator=gen)[:256]].to(device).float() / 255.0
+    mean, std = normalize.mean.to(device), normalize.std.to(device)
+    cost, up, down = cfg.init_cost, 0, 0
+    best: Optional[Trigger] = None
+    best_reg = math.inf
+
+    def perturbation():
+        return plus.clamp(0, 1) - minus.clamp(0, 1)
+
+    def stamped(x01, delta):
+        return ((x01 + delta).clamp(0, 1) - mean) / std
+
+    last = None
+    for step in range(1, cfg.steps + 1):
+        idx = torch.randint(0, len(pool), (min(cfg.batch_size, len(pool)),), generator=gen)
+        x01 = pool[idx].to(device).float() / 255.0
+        logits = model(stamped(x01, perturbation()))
+        y = torch.full((len(x01),), target, device=device)
+        reg = pixel_count(plus) + pixel_count(minus)
+        loss = F.cross_entropy(logits, y) + cost * reg
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        flip = float((logits.argmax(1) == target).float().mean())
+        cost, up, down = _schedule(cost, up, down, flip, cfg, down_power=1.5)
+        if step % cfg.patience == 0 or step == cfg.steps:
+            with torch.no_grad():
+                pos, neg = _prune(plus.clamp(0, 1)), _prune(minus.clamp(0, 1))
+                delta = pos - neg
+                changed = delta.abs().sum(0) > 0
+                hits = float((model(stamped(check, delta)).argmax(1) == target).float().mean())
+                reg_now = float(pixel_count(plus) + pixel_count(minus))
+                last = Trigger(target, changed[None].float().cpu(), delta.cpu(), float(changed.sum()), hits,
+                               "additive")
+                if hits >= cfg.success and reg_now < best_reg and (best is None or last.norm < best.norm):
+                    best, best_reg = last, reg_now
+                    plus.copy_(pos)
+                    minus.copy_(neg)
+    return best if best is not None else last
 
 
 @torch.no_grad()
@@ -277,12 +394,18 @@ def save_trigger_png(trigger: Trigger, path: Path) -> Path:
 
     fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
     gray = trigger.pattern.shape[0] == 1
-    for ax, img, title in zip(axes, (trigger.mask, trigger.pattern, trigger.mask * trigger.pattern),
-                              ("mask", "pattern", "mask x pattern")):
+    if trigger.kind == "additive":  # the changed pixels, what is added, what is taken away
+        panels = (trigger.mask, trigger.pattern.clamp_min(0), (-trigger.pattern).clamp_min(0))
+        titles = ("changed pixels", "added (P+)", "removed (P-)")
+    else:
+        panels = (trigger.mask, trigger.pattern, trigger.mask * trigger.pattern)
+        titles = ("mask", "pattern", "mask x pattern")
+    for ax, img, title in zip(axes, panels, titles):
         ax.imshow(hwc(img), cmap="gray" if gray or img.shape[0] == 1 else None, vmin=0, vmax=1)
         ax.set_title(title)
         ax.axis("off")
-    fig.suptitle(f"synthesized trigger for class {trigger.target}: mask L1 {trigger.norm:.1f}, "
+    size = "changed pixels" if trigger.kind == "additive" else "mask L1"
+    fig.suptitle(f"synthesized trigger for class {trigger.target}: {size} {trigger.norm:.1f}, "
                  f"flips {100 * trigger.flip_rate:.1f}%", fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

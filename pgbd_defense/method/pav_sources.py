@@ -130,16 +130,17 @@ class ShiftedSource(PAVSource):
 
     name = "shifted"
 
-    def __init__(self, layer: str, protos: PrototypeConfig, target: int, steps: int, batch_size: int):
+    def __init__(self, layer: str, protos: PrototypeConfig, target: int, steps: int, batch_size: int,
+                 method: str = "nc"):
         super().__init__(layer, protos)
-        self.target, self.steps, self.batch_size = target, steps, batch_size
+        self.target, self.steps, self.batch_size, self.method = target, steps, batch_size, method
         self.trigger: Optional[Trigger] = None
         self.shifted: Optional[ImageSet] = None
 
     def prepare(self, model, train, normalize, device):
-        inv = InversionConfig(steps=self.steps, batch_size=self.batch_size, seed=self.protos.seed)
+        inv = InversionConfig(steps=self.steps, batch_size=self.batch_size, seed=self.protos.seed, method=self.method)
         self.trigger = invert_trigger(model, train, self.target, normalize, inv, device)
-        log.info("ST-PGBD: trigger for class %d, mask L1 %.2f, flips %.1f%% of D_S", self.trigger.target,
+        log.info("ST-PGBD: %s trigger for class %d, size %.2f, flips %.1f%% of D_S", self.method, self.trigger.target,
                  self.trigger.norm, 100 * self.trigger.flip_rate)
         self.shifted = ImageSet(self.trigger.apply(train.images), train.labels)
 
@@ -159,7 +160,7 @@ class ShiftedSource(PAVSource):
     def state_dict(self) -> dict:
         t = self.trigger
         return {"trigger": {"target": t.target, "mask": t.mask, "pattern": t.pattern, "norm": t.norm,
-                            "flip_rate": t.flip_rate}} if t is not None else {}
+                            "flip_rate": t.flip_rate, "kind": t.kind}} if t is not None else {}
 
     def load_state_dict(self, payload, device):
         if payload.get("trigger"):
@@ -175,8 +176,10 @@ class ShiftedSource(PAVSource):
             return {}
         t = self.trigger
         save_trigger_png(t, Path(out) / "synthesized_trigger.png")
-        torch.save({"target": t.target, "mask": t.mask, "pattern": t.pattern}, Path(out) / "synthesized_trigger.pt")
-        return {"synthesized_trigger": {"target": t.target, "mask_l1": round(t.norm, 3),
+        torch.save({"target": t.target, "mask": t.mask, "pattern": t.pattern, "kind": t.kind},
+                   Path(out) / "synthesized_trigger.pt")
+        size = "changed_pixels" if t.kind == "additive" else "mask_l1"
+        return {"synthesized_trigger": {"target": t.target, "method": self.method, size: round(t.norm, 3),
                                         "flip_rate": round(t.flip_rate, 4), "png": "synthesized_trigger.png"}}
 
 
@@ -309,7 +312,7 @@ def single_target(targets: torch.Tensor, who: str) -> int:
 
 
 def make_variant(variant: str, targets: torch.Tensor, layer: str, protos: PrototypeConfig, *, cycle: int = 3,
-                 nt_classes: Sequence[int] = (), st_steps: int = 300, st_batch_size: int = 32,
+                 nt_classes: Sequence[int] = (), st_steps: int = 300, st_batch_size: int = 32, st_inversion: str = "nc",
                  teacher_features: Optional[torch.Tensor] = None, mapping_components: int = 64,
                  mapping_steps: int = 3000) -> Tuple[PAVSource, FixedTargets]:
     """The PAV source and target plan of PGBD's variant ``pgbd``, ``nt`` or ``st``."""
@@ -319,7 +322,8 @@ def make_variant(variant: str, targets: torch.Tensor, layer: str, protos: Protot
     if variant == "st":
         if teacher_features is not None:
             raise ConfigError("the large-model mapping applies to pure PAVs (pgbd, nt-pgbd), not to ST-PGBD")
-        return ShiftedSource(layer, protos, single_target(targets, "ST-PGBD"), st_steps, st_batch_size), plan
+        return ShiftedSource(layer, protos, single_target(targets, "ST-PGBD"), st_steps, st_batch_size,
+                             st_inversion), plan
     if teacher_features is not None:
         return MappedSource(layer, protos, teacher_features, mapping_components, mapping_steps), plan
     return PureSource(layer, protos), plan

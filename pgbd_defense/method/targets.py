@@ -42,6 +42,7 @@ class TargetConfig:
     batch_size: int = _D("inversion_batch_size")
     classes: Sequence[int] = ()
     scale: str = _D("inversion_scale")
+    method: str = _D("inversion")
     nt_topk: int = _D("nt_topk")
     seed: int = _D("random_seed")
 
@@ -67,7 +68,8 @@ class TargetConfig:
             raise ConfigError("invalid target settings: " + "; ".join(bad))
 
     def inversion(self) -> InversionConfig:
-        return InversionConfig(steps=int(self.steps), batch_size=int(self.batch_size), seed=int(self.seed))
+        return InversionConfig(steps=int(self.steps), batch_size=int(self.batch_size), seed=int(self.seed),
+                               method=self.method)
 
 
 def resolve_targets(spec: Any, record: AttackRecord) -> torch.Tensor:
@@ -103,7 +105,10 @@ def inference_key(model: torch.nn.Module, train: ImageSet, normalize: Normalizer
     update_with_weights(h, model)
     for tensor in (train.images, train.labels, normalize.mean, normalize.std):
         h.update(raw_bytes(tensor))
-    h.update(json.dumps([asdict(inv), list(classes or []), scale, str(device)]).encode())
+    search = asdict(inv)
+    if search["method"] == "nc":  # added later: Neural Cleanse searches keep their cached inferences
+        search.pop("method")
+    h.update(json.dumps([search, list(classes or []), scale, str(device)]).encode())
     return h.hexdigest()[:16]
 
 

@@ -207,6 +207,9 @@ FIELD_LIST = [
        uses={"targets": "classes"}),
     _f("inversion_scale", str, "log", "--target auto: anomaly index on log norms, or on norms (Neural Cleanse)",
        choices=("log", "linear"), uses={"targets": "scale"}),
+    _f("inversion", str, "nc", "trigger inversion of --target auto and ST-PGBD: nc (Neural Cleanse's mask and "
+       "pattern) or tao (Tao et al., CVPR 2022: an additive perturbation, changed pixels penalized; the paper's "
+       "for ST-PGBD)", choices=("nc", "tao"), uses={"targets": "method", "pgbd": "inversion"}, neutral="nc"),
     _f("nt_topk", int, 0, "NT-PGBD with --target auto: cycle through the top k inferred classes (0: all)",
        uses={"targets": "nt_topk"}),
     # ------------------------------------------------------------------ PGBD
