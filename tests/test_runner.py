@@ -77,6 +77,7 @@ def test_local_workers_share_one_record_and_give_the_serial_table(tmp_path, tiny
     _same_numbers(serial, out)
     assert capfd.readouterr().err.count("making the badnet record") == 1  # two workers, one training
     assert set(pd.read_csv(out / "cells.csv")["status"]) == {"ok"}
+    assert "(1 thread per cell, 2 local workers)" in (out / "table2.md").read_text()  # the cells' threads
 
 
 def test_a_launch_killed_mid_cell_is_completed_by_the_next_and_loses_nothing(tmp_path, tiny_data):

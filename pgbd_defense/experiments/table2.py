@@ -228,6 +228,11 @@ def provenance() -> Dict[str, str]:
             "torch": torch.__version__, "threads": str(torch.get_num_threads()), "pgbd_defense": __version__}
 
 
+def _threads_text(threads: str) -> str:
+    """``2`` -> ``2 threads``; a description (a pool's threads per cell) as it is."""
+    return f"{threads} threads" if str(threads).isdigit() else str(threads)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pgbd_defense.table2", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -379,6 +384,10 @@ def _table(args) -> int:
              "rates": {j.meta["dataset"]: j.attack.pratio for j in jobs},
              "wall_seconds": round(time.time() - started, 1),
              **provenance()}
+    if executor.kind != "serial" and not args.assemble:  # the cells' threads, not this process's
+        per_cell = executor.threads or max(1, int(facts["threads"]) // executor.workers)
+        plural = "s" if per_cell > 1 else ""
+        facts["threads"] = f"{per_cell} thread{plural} per cell, {executor.workers} {executor.kind} workers"
     text = report(facts, df, defenses, paired, cells)
     atomic_write_text(paths["md"], text)
     atomic_write_text(out / "paired.md", paired_markdown(paired) if paired else "")
@@ -432,7 +441,7 @@ def report(facts: Dict, df: pd.DataFrame, defenses: Sequence[str], paired, cells
             f"Each cell: mean ± std over {n} replicates (clean-subset seeds {facts['seeds']} x record seeds "
             f"{facts['record_seeds']}); CA and ASR in %, DEM a fraction; '-' a cell that failed.",
             f"Made by commit {facts['commit']} on {facts['date']}, {facts['machine']}, torch {facts['torch']} "
-            f"({facts['threads']} threads); {facts['wall_seconds'] / 60:.0f} min in all.", ""]
+            f"({_threads_text(facts['threads'])}); {facts['wall_seconds'] / 60:.0f} min in all.", ""]
     unfinished = cells[~cells["status"].isin(["ok", "cached"])]
     if len(unfinished):
         states = unfinished.groupby("status").size()
