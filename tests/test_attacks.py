@@ -136,7 +136,10 @@ from .conftest import needs_fashion_mnist  # noqa: E402
 # The ASR each attack must reach on a Fashion-MNIST subset (BadNets: the session's shared record,
 # below). WaNet's warp is subtle: it needs more of the data than the patch attacks to be learnt.
 ASR_BUDGETS = {"blended": (0.9, 15000, 2), "sig": (0.8, 15000, 2), "wanet": (0.8, 30000, 3),
-               "trojan": (0.9, 15000, 2)}
+               "trojan": (0.9, 15000, 2), "inputaware": (0.8, 20000, 3)}
+# Settings an attack's budget needs beyond these (IAB: its mask generator's own epochs; measured
+# 2026-12-02 at these settings: ASR 92.2%, CA 88.5%).
+ASR_EXTRA = {"inputaware": {"iab_mask_epochs": 2}}
 
 
 def test_every_attack_for_any_data_set_has_an_asr_test():
@@ -151,7 +154,8 @@ def test_every_attack_for_any_data_set_has_an_asr_test():
 def test_attack_reaches_high_asr_on_a_fashion_mnist_subset(tmp_path, name, min_asr, subset, epochs):
     from pgbd_defense.attacks.record import AttackSettings, build_attack_record
 
-    settings = AttackSettings(attack=name, width=0.125, epochs=epochs, lr=0.02, augment=False, train_subset=subset)
+    settings = AttackSettings(attack=name, width=0.125, epochs=epochs, lr=0.02, augment=False, train_subset=subset,
+                              **ASR_EXTRA.get(name, {}))
     metrics = build_attack_record(tmp_path / "record" / name, settings, save_png=False)
     assert metrics["test_asr"] >= min_asr, metrics
     assert metrics["test_acc"] >= 0.75, metrics

@@ -48,6 +48,7 @@ class AttackSettings:
     trojan_optimize: bool = _D("trojan_optimize")  # Trojan: TrojanNN-style patch (False: fixed white watermark)
     overlays: str = _D("overlays")  # rof-tattoo / rof-mask: comma-separated RGBA PNGs instead of our overlays
     amp: bool = _D("amp")  # bfloat16 autocast while training
+    iab_mask_epochs: int = _D("iab_mask_epochs")  # inputaware: the mask generator's own epochs first
     mmdr_lambda: float = _D("mmdr_lambda")  # ML-MMDR's penalty weight (0: the plain attack; mmdr.py)
     mmdr_layers: List[str] = field(default_factory=lambda: _D("mmdr_layers"))
     seed: int = _D("random_seed")
@@ -68,6 +69,13 @@ class AttackSettings:
         if self.mmdr_lambda < 0 or (self.mmdr_lambda > 0 and not self.mmdr_layers):
             found.append(f"mmdr_lambda={self.mmdr_lambda}, mmdr_layers={list(self.mmdr_layers)} (a weight >= 0 and, "
                          "when it is > 0, at least one layer)")
+        if self.iab_mask_epochs < 0:
+            found.append(f"iab_mask_epochs={self.iab_mask_epochs} (must be >= 0)")
+        trains_with_classifier = getattr(ATTACKS.get(self.attack), "trains_with_classifier", False) \
+            if self.attack in ATTACKS else False
+        if self.mmdr_lambda > 0 and trains_with_classifier:
+            found.append(f"mmdr_lambda={self.mmdr_lambda}: ML-MMDR is an option of the data-poisoning attacks, "
+                         f"not of {self.attack} (its trigger is trained with the classifier)")
         if self.train_subset < 0:
             found.append(f"attack_train_subset={self.train_subset} (must be >= 0; 0: all)")
         if self.dataset in data_mod.INFO and not 0 <= self.target < data_mod.INFO[self.dataset].num_classes:
@@ -89,7 +97,10 @@ class AttackSettings:
 
 
 def trigger_facts(attack) -> dict:
-    """What an optimized trigger is, kept in the record (TrojanNN: its neuron and activations)."""
+    """What an optimized trigger is, kept in the record (TrojanNN: its neuron and activations;
+    an attack with ``trigger_state``, as IAB's networks, says itself)."""
+    if hasattr(attack, "trigger_state"):
+        return attack.trigger_state()
     if getattr(attack, "pattern", None) is None or getattr(attack, "neuron", None) is None:
         return {}
     return {"trojan_neuron": attack.neuron, "trojan_activation": attack.activation,
@@ -103,6 +114,8 @@ def record_name(s: AttackSettings) -> str:
     settings = asdict(s)
     if s.attack != "trojan":  # added later: other attacks' record names stay as they were
         settings.pop("trojan_optimize")
+    if s.attack != "inputaware":  # likewise
+        settings.pop("iab_mask_epochs")
     if not s.overlays:
         settings.pop("overlays")
     if not s.amp:  # added later still: full-precision records keep their names
@@ -112,6 +125,15 @@ def record_name(s: AttackSettings) -> str:
         settings.pop("mmdr_layers")
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
     return f"{s.attack}_{ratio}_{s.dataset}_{s.model}_{digest}"
+
+
+def subset(images: torch.Tensor, labels: torch.Tensor, s: AttackSettings, *more: torch.Tensor):
+    """A CPU budget: a seeded subset of ``s.train_subset`` samples (the same rows of each tensor;
+    all of them when the setting is 0 or not smaller)."""
+    if not s.train_subset or s.train_subset >= len(labels):
+        return (images, labels, *more)
+    keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(s.seed + 1))[: s.train_subset]
+    return (images[keep], labels[keep], *(t[keep] for t in more))
 
 
 def build_attack_record(folder: Path, s: AttackSettings, data_root: Optional[str] = None,
@@ -131,6 +153,8 @@ def build_attack_record(folder: Path, s: AttackSettings, data_root: Optional[str
         options["data_root"] = data_root
     if s.overlays:
         options["overlays"] = [p for p in s.overlays.split(",") if p]
+    if s.attack == "inputaware":
+        options.update(mask_epochs=s.iab_mask_epochs, channels=channels, side=info.size[0])
     attack = ATTACKS.get(s.attack)(num_classes=info.num_classes, target=s.target, ratio=s.pratio,
                                    mode=s.label_mode, seed=s.seed, **options)
     normalize = Normalizer(info.mean, info.std, channels)
@@ -141,19 +165,28 @@ def build_attack_record(folder: Path, s: AttackSettings, data_root: Optional[str
 
         attack.prepare(train, lambda: build_model(s.model, info.num_classes, channels, s.width), normalize,
                        reference_training, device)
-    bd_train = attack.poison_train(train)
-    bd_test = attack.poison_test(test)
-    images, labels = attack.training_set(bd_train)
-    poisoned = bd_train.poison_indicator  # training_set keeps bd_train's order (WaNet warps in place)
-    if s.train_subset and s.train_subset < len(labels):
-        # A CPU budget: train on a seeded subset of the poisoned split (same poisoning share).
-        keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(s.seed + 1))[: s.train_subset]
-        images, labels, poisoned = images[keep], labels[keep], poisoned[keep]
-    torch.manual_seed(s.seed)
-    model = build_model(s.model, info.num_classes, channels, s.width)
-    train_classifier(model, images, labels, normalize, s.epochs, lr=s.lr, batch_size=s.batch_size,
-                     augment=s.augment, hflip=info.hflip, seed=s.seed, device=device, amp=s.amp,
-                     poisoned=poisoned, mmdr_lambda=s.mmdr_lambda, mmdr_layers=s.mmdr_layers)
+    def fresh_model():
+        torch.manual_seed(s.seed)
+        return build_model(s.model, info.num_classes, channels, s.width)
+
+    if getattr(attack, "trains_with_classifier", False):
+        # IAB: the trigger generator learns together with the classifier on the clean split; the
+        # record's poisoned splits are made with the trained generator afterwards.
+        images, labels = subset(train.images, train.labels, s)
+        model = fresh_model()
+        attack.train_with_classifier(model, images, labels, normalize, s.epochs, lr=s.lr, batch_size=s.batch_size,
+                                     augment=s.augment, hflip=info.hflip, seed=s.seed, device=device, amp=s.amp)
+        bd_train, bd_test = attack.poison_train(train), attack.poison_test(test)
+    else:
+        bd_train = attack.poison_train(train)
+        bd_test = attack.poison_test(test)
+        images, labels = attack.training_set(bd_train)
+        poisoned = bd_train.poison_indicator  # training_set keeps bd_train's order (WaNet warps in place)
+        images, labels, poisoned = subset(images, labels, s, poisoned)
+        model = fresh_model()
+        train_classifier(model, images, labels, normalize, s.epochs, lr=s.lr, batch_size=s.batch_size,
+                         augment=s.augment, hflip=info.hflip, seed=s.seed, device=device, amp=s.amp,
+                         poisoned=poisoned, mmdr_lambda=s.mmdr_lambda, mmdr_layers=s.mmdr_layers)
     metrics = evaluate(model, test, bd_test, normalize, device=device)
     log.info("backdoored model: CA %.4f ASR %.4f RA %.4f", metrics["test_acc"], metrics["test_asr"], metrics["test_ra"])
     write_attack_record(folder, model=model, model_name=s.model, num_classes=info.num_classes,

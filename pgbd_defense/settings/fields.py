@@ -135,6 +135,9 @@ FIELD_LIST = [
     _f("trojan_optimize", bool, True,
        "trojan: optimize the patch to excite a neuron (TrojanNN) or stamp a fixed white one",
        uses={"attack": "trojan_optimize"}),
+    _f("iab_mask_epochs", int, 25, "inputaware: epochs that train its mask generator alone before the joint "
+       "training (BackdoorBench's clean_train_epochs)", presets={"cpu": 2}, attack_flag="--clean_train_epochs",
+       uses={"attack": "iab_mask_epochs"}),
     _f("mmdr_lambda", float, 0.0, "ML-MMDR (Xia et al., TDSC 2022): weight of the MMD between clean and poisoned "
        "samples' activations added to the attack's training loss (0: off, the plain attack)",
        uses={"attack": "mmdr_lambda"}, neutral=0.0),
