@@ -265,6 +265,7 @@ class InputAware(Attack):
             n_cross = spread_counts([len(i) for i in order], self.ratio * self.cross_ratio)
             used = 0
             sums, count = torch.zeros(2), 0
+            hits = torch.zeros(4)  # backdoor samples sent to their attack label, of how many; cross kept, of how many
             for idx, nb, nc in progress(zip(order, n_bd, n_cross), total=len(order),
                                         desc=f"inputaware training {epoch + 1}/{epochs}"):
                 nc = min(nc, len(idx) - nb)
@@ -274,8 +275,11 @@ class InputAware(Attack):
                 used += nc
                 with mixed_precision(amp, device):
                     inputs, targets, div = self.training_batch(x, y, other, nb, mean, std, g)
-                    ce = F.cross_entropy(model(inputs), targets)
+                    logits = model(inputs)
+                    ce = F.cross_entropy(logits, targets)
                     loss = ce + self.lambda_div * div
+                right = (logits.detach().argmax(1) == targets).float()
+                hits += torch.tensor([right[:nb].sum().item(), nb, right[nb:nb + nc].sum().item(), nc])
                 opt_c.zero_grad(set_to_none=True)
                 opt_g.zero_grad(set_to_none=True)
                 loss.backward()
@@ -284,8 +288,9 @@ class InputAware(Attack):
                 sched_c.step()
                 sums += torch.tensor([ce.item(), div.item()])
                 count += 1
-            log.info("inputaware epoch %d: cross-entropy %.4f, diversity %.3f", epoch + 1,
-                     *(sums / max(count, 1)).tolist())
+            log.info("inputaware epoch %d: cross-entropy %.4f, diversity %.3f; training ASR %.4f (backdoor samples), "
+                     "cross accuracy %.4f", epoch + 1, *(sums / max(count, 1)).tolist(),
+                     hits[0] / max(hits[1], 1), hits[2] / max(hits[3], 1))
         g.eval().requires_grad_(False)
         self.generator, self.masker = g.cpu(), self.masker.cpu()
         return model.eval()
