@@ -142,8 +142,9 @@ PRESETS: Dict[str, TablePreset] = {
         per_pratio={0.01: {"train_subset": 0}},
         per_pratio_attack={(0.01, "sig"): {"epochs": 5}, (0.01, "wanet"): {"epochs": 40}},
         # WaNet with ML-MMDR at 10%: 3 epochs implant 76.1% (plain WaNet: 93.4%), below the 80% target;
-        # BadNets with it at 1%: 3 epochs implant 54.5% (plain: 85.7%).
-        adaptive_per_pratio_attack={(0.1, "wanet"): {"epochs": 6}, (0.01, "badnet"): {"epochs": 6}},
+        # (6 epochs: 93.7%). BadNets with it at 1%: 3 epochs implant 54.5% (plain: 85.7%), 6 epochs
+        # broke the model (CA 70.8%, ASR 5.4%): no change there, the 1% target is missed.
+        adaptive_per_pratio_attack={(0.1, "wanet"): {"epochs": 6}},
         forced=["Fashion-MNIST (paper: CIFAR-10, GTSRB, Tiny-ImageNet, CIFAR-100)",
                 "PreAct-ResNet18 of width 0.125 (paper: 1)",
                 "the attack trained 3 epochs without augmentation, lr 0.02 (paper: 100 epochs, BackdoorBench's "
