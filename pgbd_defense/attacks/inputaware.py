@@ -204,13 +204,12 @@ class InputAware(Attack):
         stats = {"mask_norm": float("nan"), "mask_diversity": float("nan"), "mask_share": float("nan")}
         for epoch in range(self.mask_epochs):
             sums = torch.zeros(3)
+            # two shuffled passes of the same batch sizes: each batch paired with another
             batches = zip(batch_indices(len(images), batch_size, True, generator),
                           batch_indices(len(images), batch_size, True, generator))
             count = 0
             for idx1, idx2 in progress(batches, total=math.ceil(len(images) / batch_size),
                                        desc=f"inputaware mask {epoch + 1}/{self.mask_epochs}"):
-                if len(idx1) != len(idx2):
-                    continue
                 x1, x2 = normalize(images[idx1].to(device)), normalize(images[idx2].to(device))
                 m1, m2 = threshold(masker(x1)), threshold(masker(x2))
                 norm_loss = mask_norm_loss(m1, self.mask_density)
