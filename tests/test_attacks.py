@@ -136,9 +136,10 @@ from .conftest import needs_fashion_mnist  # noqa: E402
 # The ASR each attack must reach on a Fashion-MNIST subset (BadNets: the session's shared record,
 # below). WaNet's warp is subtle: it needs more of the data than the patch attacks to be learnt.
 ASR_BUDGETS = {"blended": (0.9, 15000, 2), "sig": (0.8, 15000, 2), "wanet": (0.8, 30000, 3),
-               "trojan": (0.9, 15000, 2), "inputaware": (0.8, 20000, 3)}
-# Settings an attack's budget needs beyond these (IAB: its mask generator's own epochs; measured
-# 2026-12-02 at these settings: ASR 92.2%, CA 88.5%).
+               "trojan": (0.9, 15000, 2), "inputaware": (0.8, 20000, 5)}
+# Settings an attack's budget needs beyond these (IAB: its mask generator's own epochs). IAB at 3
+# epochs is a coin flip: 92.2% ASR at one thread, 46.6% at two; at 5 epochs (two threads, as CI
+# runs): 94.6% ASR, CA 88.4%, training ASR rising steadily 55% -> 93% (measured 2026-12-02).
 ASR_EXTRA = {"inputaware": {"iab_mask_epochs": 2}}
 
 

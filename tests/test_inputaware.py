@@ -127,7 +127,9 @@ def test_joint_training_updates_classifier_and_generator_but_not_the_mask():
 def test_mask_stage_moves_the_mask_towards_its_density():
     torch.manual_seed(0)
     x = Normalizer([0.5], [0.5], 1)(torch.randint(0, 256, (256, 1, 12, 12), dtype=torch.uint8))
-    attack = InputAware(num_classes=2, mask_epochs=3, side=12)
+    # the norm loss alone: on random-noise images the diversity loss pulls the other way, and with
+    # both the outcome of 24 steps turned on the thread count's rounding
+    attack = InputAware(num_classes=2, mask_epochs=3, side=12, lambda_div=0.0)
     with torch.no_grad():
         before = float(threshold(attack.masker(x)).mean())
     stats = attack.train_mask(torch.randint(0, 256, (256, 1, 12, 12), dtype=torch.uint8), Normalizer([0.5], [0.5], 1),
