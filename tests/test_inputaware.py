@@ -146,3 +146,31 @@ def test_settings_refuse_mmdr_with_inputaware_and_negative_mask_epochs():
     assert any("iab_mask_epochs=-1" in p for p in problems)
     with pytest.raises(ValueError, match="mask_density"):
         InputAware(num_classes=10, mask_density=0)
+
+
+def test_ci_preset_trains_iab_five_epochs_at_ten_percent():
+    """3 joint epochs implant 92% at one thread and 47% at two; the preset must not depend on that."""
+    from pgbd_defense.experiments.table2 import PRESETS
+
+    iab = PRESETS["ci"].attack_settings("inputaware", "fashion-mnist", 0.1, "equal-budget", 0)
+    assert (iab.epochs, iab.iab_mask_epochs) == (5, 2)
+    assert PRESETS["ci"].attack_settings("badnet", "fashion-mnist", 0.1, "equal-budget", 0).epochs == 3
+
+
+def test_generator_sees_the_whole_batch_and_self_partners_keep_gradients_finite():
+    """G's batch norm gets the statistics of the whole batch (at 1% a batch holds 1-2 backdoor
+    samples), and an image drawn as its own partner (same pattern twice) leaves G's gradient finite."""
+    torch.manual_seed(0)
+    attack = InputAware(num_classes=10, target=3, ratio=0.25, side=12)
+    g = attack.generator.train()
+    seen = []
+    hook = g.register_forward_pre_hook(lambda module, args: seen.append(len(args[0])))
+    x = torch.randn(16, 1, 12, 12)
+    mean, std = torch.zeros(1, 1, 1, 1), torch.ones(1, 1, 1, 1)
+    inputs, _, div = attack.training_batch(x, torch.arange(16) % 10, x[:2].clone(), nb=2, mean=mean, std=std,
+                                           generator=g)
+    hook.remove()
+    assert seen == [18]
+    (inputs.sum() + div).backward()
+    grads = [p.grad for p in g.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(t).all() for t in grads)

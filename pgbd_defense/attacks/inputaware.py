@@ -97,8 +97,10 @@ def threshold(m: torch.Tensor) -> torch.Tensor:
 
 
 def rms_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per-sample root mean squared difference of two (N, ...) batches -> (N,)."""
-    return (a - b).pow(2).flatten(1).mean(1).sqrt()
+    """Per-sample root mean squared difference of two (N, ...) batches -> (N,). The square root
+    of zero has an infinite slope: an image paired with itself (the partners are drawn at random)
+    gets the same pattern twice and would put NaN into G's gradient, hence the 1e-12 under it."""
+    return (a - b).pow(2).flatten(1).mean(1).add(1e-12).sqrt()
 
 
 def diversity_loss(x1: torch.Tensor, x2: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> torch.Tensor:
@@ -232,10 +234,18 @@ class InputAware(Attack):
         """One batch of stage 2: the first ``nb`` samples of ``x`` (normalized) carry their own
         trigger and the attack label, the next ``len(other)`` carry the trigger made from
         ``other`` (the partner images) and keep their label, the rest stay as they are.
-        Returns the inputs, their labels and the diversity loss of the bd/partner pairs."""
+        Returns the inputs, their labels and the diversity loss of the bd/partner pairs.
+
+        G runs once on the whole batch and the partners, though only ``nb + len(other)`` of its
+        patterns are used: its batch norm then normalizes with the statistics of ~a batch of
+        images, as it does at test time with its running averages. Run on the backdoor and
+        partner images alone (BackdoorBench's way), at 1% poisoning that is 1-2 images a batch,
+        whose statistics are nothing like the running averages G is later applied with."""
         nc = len(other)
-        bd, pattern_bd = self.stamp(x[:nb], x[:nb], mean, std, generator)
-        cross, pattern_other = self.stamp(x[nb:nb + nc], other, mean, std, generator)
+        patterns = (generator(torch.cat([x, other])) - mean) / std
+        pattern_bd, pattern_other = patterns[:nb], patterns[len(x):]
+        bd = x[:nb] + (pattern_bd - x[:nb]) * threshold(self.masker(x[:nb]))
+        cross = x[nb:nb + nc] + (pattern_other - x[nb:nb + nc]) * threshold(self.masker(other))
         inputs = torch.cat([bd, cross, x[nb + nc:]])
         targets = torch.cat([self.mapping.to(y.device)[y[:nb]], y[nb:]])
         k = min(nb, nc)
