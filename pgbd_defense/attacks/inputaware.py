@@ -236,16 +236,13 @@ class InputAware(Attack):
         ``other`` (the partner images) and keep their label, the rest stay as they are.
         Returns the inputs, their labels and the diversity loss of the bd/partner pairs.
 
-        G runs once on the whole batch and the partners, though only ``nb + len(other)`` of its
-        patterns are used: its batch norm then normalizes with the statistics of ~a batch of
-        images, as it does at test time with its running averages. Run on the backdoor and
-        partner images alone (BackdoorBench's way), at 1% poisoning that is 1-2 images a batch,
-        whose statistics are nothing like the running averages G is later applied with."""
+        G runs on the backdoor images and on the partners, as two batches (BackdoorBench's way):
+        its batch norm sees 1-2 images a batch at 1% poisoning. Running it once on the whole batch
+        (so that its statistics match the running averages it is applied with later) was tried
+        and implanted worse at 10% (ASR 66.5% against 94.6%, 5 epochs, 2 threads; docs/attacks.md)."""
         nc = len(other)
-        patterns = (generator(torch.cat([x, other])) - mean) / std
-        pattern_bd, pattern_other = patterns[:nb], patterns[len(x):]
-        bd = x[:nb] + (pattern_bd - x[:nb]) * threshold(self.masker(x[:nb]))
-        cross = x[nb:nb + nc] + (pattern_other - x[nb:nb + nc]) * threshold(self.masker(other))
+        bd, pattern_bd = self.stamp(x[:nb], x[:nb], mean, std, generator)
+        cross, pattern_other = self.stamp(x[nb:nb + nc], other, mean, std, generator)
         inputs = torch.cat([bd, cross, x[nb + nc:]])
         targets = torch.cat([self.mapping.to(y.device)[y[:nb]], y[nb:]])
         k = min(nb, nc)
