@@ -151,8 +151,8 @@ PRESETS: Dict[str, TablePreset] = {
         forced=["Fashion-MNIST (paper: CIFAR-10, GTSRB, Tiny-ImageNet, CIFAR-100)",
                 "PreAct-ResNet18 of width 0.125 (paper: 1)",
                 "the attack trained 3 epochs without augmentation, lr 0.02 (paper: 100 epochs, BackdoorBench's "
-                "prototype config); at 1% SIG 5 epochs and WaNet 40, at 10% IAB 5 and WaNet* 6; 10% poisoning on a 20,000-image "
-                "subset (WaNet 30,000), 1% on all 60,000",
+                "prototype config); at 1% SIG 5 epochs and WaNet 40, at 10% IAB 5 and WaNet* 6; 10% poisoning on a "
+                "20,000-image subset (WaNet 30,000), 1% on all 60,000",
                 "IAB's mask generator trained 2 epochs alone (BackdoorBench: 25)"]),
     # The paper's setting (Sec. 5): for a GPU. Per cell on one modern GPU, roughly: attack 100 epochs
     # ~30-60 min (CIFAR-10), PGBD 35 epochs ~25 min, baselines 10-60 min each.
