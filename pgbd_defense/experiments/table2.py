@@ -141,7 +141,8 @@ PRESETS: Dict[str, TablePreset] = {
         # (3 epochs: SIG 79.9%, WaNet 3.4%; WaNet 10 epochs: 60.2%, 25 epochs: 79.9%).
         per_pratio={0.01: {"train_subset": 0}},
         # IAB at 10%: 3 joint epochs implant 92.2% at one thread but 46.6% at two (the rounding of the
-        # thread count decides), 5 epochs 94.6% at two (docs/attacks.md).
+        # thread count decides); 5 epochs 96.4% at one thread (the committed row's record) but 59.9% at
+        # two: build it with --threads 1 (docs/attacks.md).
         per_pratio_attack={(0.01, "sig"): {"epochs": 5}, (0.01, "wanet"): {"epochs": 40},
                            (0.1, "inputaware"): {"epochs": 5}},
         # WaNet with ML-MMDR at 10%: 3 epochs implant 76.1% (plain WaNet: 93.4%), below the 80% target;
