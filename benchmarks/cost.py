@@ -56,6 +56,7 @@ from pgbd_defense.method.pav_sources import PAVSource, PrototypeConfig
 from pgbd_defense.pipeline import defend, poisoned_evaluation
 from pgbd_defense.settings import resolve
 from pgbd_defense.util.progress import quiet
+from pgbd_defense.util.threads import torch_threads
 
 
 @dataclass
@@ -166,12 +167,10 @@ def train_rate(model, shape, batch: int, channels_last: bool, threads: int, seco
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     try:
-        return images_per_second(step, batch, seconds)
+        with torch_threads(threads):
+            return images_per_second(step, batch, seconds)
     finally:
-        torch.set_num_threads(before)
         model.eval().to(memory_format=torch.contiguous_format)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from pgbd_defense.experiments import table2
 
@@ -205,3 +206,17 @@ def test_a_setting_changed_for_every_cell_is_its_own_cell_and_named(tmp_path, ti
     assert set(_cells(tmp_path / "b")["status"]) == {"ok"}  # without the change: other cells
     assert table2.main(_argv(tiny_data, root, tmp_path / "c", "--set", "nope=1")) == 2
     assert "'nope=1': write KEY=VALUE" in caplog.text
+
+
+def test_torch_threads_sets_the_count_for_the_block_and_restores_it_even_on_an_error():
+    from pgbd_defense.util.threads import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError), torch_threads(1):
+        raise RuntimeError("a cell's bug")
+    assert torch.get_num_threads() == before
+    with torch_threads(None):  # None: the count is left as it is
+        assert torch.get_num_threads() == before

@@ -42,6 +42,7 @@ from ..errors import ConfigError
 from ..util.atomic import atomic_write_text
 from ..util.logs import setup_logging
 from ..util.progress import progress, quiet
+from ..util.threads import torch_threads
 from .cells import Cell, cell_done, ensure_record, run_cell, shared_index
 
 log = logging.getLogger(__name__)
@@ -96,13 +97,8 @@ def execute(job: CellJob, device: str = "cpu", threads: Optional[int] = None) ->
     """Make or read the record, draw or read the clean subset, run or read the cell; a
     failure anywhere is the row's status, never an exception (one cell must not stop a grid).
     ``threads``: torch's threads for this cell (restored after)."""
-    before = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return _execute(job, device)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _execute(job: CellJob, device: str) -> Dict[str, Any]:
