@@ -191,6 +191,8 @@ def test_trojan_optimization_excites_its_neuron_and_stays_in_the_mask():
     assert attack.neuron == int(model.linear.weight.abs().sum(0).argmax())
     assert attack.activation["optimized"] > attack.activation["fixed"]
     assert pattern.shape == (1, 7, 7) and pattern.dtype == torch.uint8
+    # the search computes no gradient for the reference model's weights, which stay trainable after
+    assert all(q.grad is None and q.requires_grad for q in model.parameters())
     out = attack.apply_trigger(images)
     changed = (out != images).any(1).any(0)
     region = torch.zeros(28, 28, dtype=torch.bool)

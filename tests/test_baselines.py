@@ -159,6 +159,8 @@ def test_ibau_perturbation_becomes_a_trigger_on_a_backdoored_model():
     assert delta.flatten().abs().argmax().item() == 5
     assert ibau_flip_rate(model, data, delta, norm, "cpu") == 1.0
     assert model[1].weight[0, 5].item() == 3.0  # fitting delta leaves the model alone
+    # ... and computes no gradient for its weights (only delta is fitted), which stay trainable after
+    assert all(q.grad is None and q.requires_grad for q in model.parameters())
 
 
 # What a defense writes besides BackdoorBench's common files and its <name>_df.csv.

@@ -188,8 +188,9 @@ def test_every_attack_makes_a_record_on_the_paper_presets_other_data_sets(tmp_pa
     for attack in ATTACKS.names():
         if attack.startswith("rof"):
             continue  # ROF's overlays are made for its face images only (datasets/rof.py)
+        # one mask epoch for IAB (default 25): the layout is under test here, not the mask's density
         settings = AttackSettings(attack=attack, dataset=dataset, width=0.0625, epochs=1, batch_size=8,
-                                  augment=True, pratio=0.3, train_subset=0)
+                                  augment=True, pratio=0.3, train_subset=0, iab_mask_epochs=1)
         record = load_attack_record(ensure_record(settings, tmp_path / "record", str(root)), data_root=str(root))
         h, w, c = info.size
         assert tuple(record.bd_test.images.shape[1:]) == (c, h, w), attack

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..datasets import ImageSet
 from ..datasets.batches import Normalizer
-from ..util.hooks import capture, last_linear
+from ..util.hooks import capture, frozen_weights, last_linear
 from .base import ATTACKS, Attack
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,8 @@ class TrojanWatermark(Attack):
         opt = torch.optim.Adam([logit], lr=0.1)
         x01 = images.to(device).float() / 255.0
         mean, std = normalize.mean.to(device), normalize.std.to(device)
-        with capture(model, head, inputs=True) as store:
+        # the weights stay as they are: their gradients would cost a second backward pass for nothing
+        with frozen_weights(model), capture(model, head, inputs=True) as store:
             for _ in range(self.steps):
                 stamped = (1 - mask) * x01 + mask * torch.sigmoid(logit)
                 model((stamped - mean) / std)

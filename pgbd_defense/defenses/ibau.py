@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from ..datasets import ImageSet
 from ..datasets.batches import EVAL_BATCH_SIZE, Normalizer, iterate
 from ..settings.fields import preset_default
-from ..util.hooks import eval_mode
+from ..util.hooks import eval_mode, frozen_weights
 from .loop import LoopConfig, Method
 
 _D = partial(preset_default, defense="i-bau")
@@ -113,7 +113,8 @@ def fit_perturbation(model, train: ImageSet, normalize: Normalizer, cfg: IBAUCon
     """One universal delta over the clean subset: one SGD step per batch (see the module docstring)."""
     delta = torch.zeros((1, *train.images.shape[1:]), device=device, requires_grad=True)
     opt = torch.optim.SGD([delta], lr=cfg.pert_lr)
-    with eval_mode(model):
+    # frozen weights: only delta is fitted here, and the weights' gradients would double the backward pass
+    with eval_mode(model), frozen_weights(model):
         for x, _, _ in iterate(train.images, train.labels, cfg.batch_size, normalize, shuffle=True,
                                augment=cfg.augment, hflip=hflip, generator=generator, device=device):
             with torch.no_grad():
