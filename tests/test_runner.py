@@ -81,10 +81,11 @@ def test_local_workers_share_one_record_and_give_the_serial_table(tmp_path, tiny
     assert "(1 thread per cell, 2 local workers)" in (out / "table2.md").read_text()  # the cells' threads
 
 
-def test_a_launch_killed_mid_cell_is_completed_by_the_next_and_loses_nothing(tmp_path, tiny_data):
+def test_a_launch_killed_mid_cell_is_completed_by_the_next_and_loses_nothing(tmp_path, tiny_data, request):
+    # The uninterrupted reference runs beside the launch to be killed (one thread each, two cores).
     reference = tmp_path / "reference"
-    proc = _launch(tmp_path, tiny_data, tmp_path / "rec_ref", reference, epochs=40)
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+    ref_proc = _launch(tmp_path, tiny_data, tmp_path / "rec_ref", reference, epochs=40)
+    request.addfinalizer(lambda: ref_proc.poll() is None and os.killpg(ref_proc.pid, signal.SIGKILL))
     root, out = tmp_path / "rec_killed", tmp_path / "killed"
     proc = _launch(tmp_path, tiny_data, root, out, epochs=40)
     # The second cell (pgbd, seed 0) runs after the first finished: kill it after some epochs.
@@ -95,6 +96,7 @@ def test_a_launch_killed_mid_cell_is_completed_by_the_next_and_loses_nothing(tmp
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert ref_proc.wait(timeout=600) == 0, ref_proc.stderr.read()[-2000:]
     status = subprocess.run([sys.executable, str(REPO / "tests" / "tiny_table.py"),
                              *_argv(tiny_data, root, out, "--status")], capture_output=True, text=True,
                             env={**os.environ, "TINY_EPOCHS": "40"})
