@@ -179,14 +179,15 @@ def draw_clean_subset(n_train: int, ratio: float, seed: int) -> List[int]:
 
 
 def environment() -> Dict[str, str]:
-    """Versions that decide the numbers, saved with every result."""
+    """Versions that decide the numbers, saved with every result (torch's thread count among
+    them: it changes the order of floating-point sums)."""
     import numpy
     import sklearn
     import torchvision
 
     return {"pgbd_defense": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
             "numpy": numpy.__version__, "scikit-learn": sklearn.__version__, "python": platform.python_version(),
-            "machine": platform.machine()}
+            "machine": platform.machine(), "torch_threads": str(torch.get_num_threads())}
 
 
 def poisoned_evaluation(record: AttackRecord, record_dir: Path, normalize: Normalizer, device: str) -> Dict:

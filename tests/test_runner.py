@@ -3,6 +3,7 @@ workers sharing a record, a launch killed mid-cell and relaunched, two launches 
 the errors of a bad executor setting. Every way must give the serial run's table, to the last
 digit (one torch thread per cell everywhere: the thread count changes float rounding)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -179,7 +180,17 @@ def test_assemble_writes_what_finished_and_marks_the_rest(tmp_path, tiny_data):
     assert table2.main(_argv(tiny_data, root, out, "--assemble")) == 0
     cells = _cells(out)
     assert set(cells.loc["ft", "status"]) == {"cached"} and set(cells.loc["pgbd", "status"]) == {"queued"}
-    assert "Not finished: 2 cells queued" in (out / "table2.md").read_text()
+    text = (out / "table2.md").read_text()
+    assert "Not finished: 2 cells queued" in text
+    # the cells' and the record's thread counts as they recorded them, not the assembling process's
+    assert "(1 thread per cell); assembled from the cells finished so far" in text
+    assert "Records built at 1 thread: badnet on mnist" in text
+    made = json.loads(next(root.glob("*/provenance.json")).read_text())
+    assert made["threads"] == "1" and made["seconds"] > 0 and made["torch"] == torch.__version__
+    # a record made before records kept provenance.json is named as such, not guessed
+    next(root.glob("*/provenance.json")).unlink()
+    assert table2.main(_argv(tiny_data, root, out, "--assemble")) == 0
+    assert "Records built at a thread count not known" in (out / "table2.md").read_text()
 
 
 def test_plan_counts_the_cells_and_times_them_measured_or_estimated(tmp_path, tiny_data, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
@@ -19,6 +20,8 @@ from ..formats.models import MODELS, build_model
 from ..formats.records import write_attack_record
 from ..metrics import evaluate
 from ..settings.fields import preset_default
+from ..util.atomic import atomic_write_text
+from ..util.provenance import provenance
 from . import ATTACKS
 from .training import train_classifier
 
@@ -138,7 +141,9 @@ def subset(images: torch.Tensor, labels: torch.Tensor, s: AttackSettings, *more:
 
 def build_attack_record(folder: Path, s: AttackSettings, data_root: Optional[str] = None,
                         download: bool = False, device: str = "cpu", save_png: bool = True) -> dict:
-    """Train a backdoored model and write ``folder/attack_result.pt``; returns its test metrics."""
+    """Train a backdoored model and write ``folder/attack_result.pt`` (and ``folder/provenance.json``:
+    commit, torch, thread count, device, seconds); returns its test metrics."""
+    started = time.time()
     bad = s.problems()
     if bad:
         raise ConfigError("invalid attack settings: " + "; ".join(bad))
@@ -194,4 +199,23 @@ def build_attack_record(folder: Path, s: AttackSettings, data_root: Optional[str
                         bd_train=bd_train, bd_test=bd_test, train_size=len(train), test_size=len(test),
                         save_png=save_png, extra={"attack": s.attack, "attack_settings": asdict(s),
                                                   "attack_metrics": metrics, **trigger_facts(attack)})
+    # Beside the record, not in it: a table reads it for every record without loading the images.
+    facts = {**provenance(), "device": device, "seconds": round(time.time() - started, 1)}
+    atomic_write_text(Path(folder) / PROVENANCE_FILE, json.dumps(facts, indent=1) + "\n")
     return metrics
+
+
+PROVENANCE_FILE = "provenance.json"
+
+
+def read_provenance(folder: Path) -> Optional[dict]:
+    """The facts ``build_attack_record`` wrote beside a record; None for a record made before it
+    wrote them, or by BackdoorBench."""
+    path = Path(folder) / PROVENANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        log.warning("%s is not JSON; the record's provenance is not known", path)
+        return None

@@ -35,11 +35,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import logging
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -47,15 +44,14 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import pandas as pd
-import torch
 
-from .. import __version__
-from ..attacks.record import AttackSettings
+from ..attacks.record import AttackSettings, read_provenance
 from ..errors import ConfigError, UserError
 from ..settings.cli import parse_assignment
 from ..util.atomic import atomic_path, atomic_write_text
 from ..util.logs import setup_logging
 from ..util.progress import quiet
+from ..util.provenance import provenance, threads_text
 from .cells import Cell
 from .plan import plan_text
 from .runner import CellJob, add_executor_arguments, executor_spec, record_folder, state_counts, status_rows
@@ -225,28 +221,6 @@ def gate(cells: pd.DataFrame, spec: Gate) -> List[str]:
     return failures
 
 
-def provenance() -> Dict[str, str]:
-    """What a committed table must say about where it was made."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = f"{names[0]} x {len(names)}" if names else cpu
-    return {"commit": commit, "date": datetime.date.today().isoformat(), "machine": cpu,
-            "torch": torch.__version__, "threads": str(torch.get_num_threads()), "pgbd_defense": __version__}
-
-
-def _threads_text(threads: str) -> str:
-    """``2`` -> ``2 threads``; a description (a pool's threads per cell) as it is."""
-    return f"{threads} threads" if str(threads).isdigit() else str(threads)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pgbd_defense.table2", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -326,6 +300,9 @@ def attack_rows(jobs: Sequence[CellJob], rows: Sequence[Dict]) -> List[Dict]:
             entry["seconds"] = row["record_seconds"]
         if (job.cell.record / "attack_result.pt").is_file():
             entry["status"] = "ok"
+            facts = read_provenance(job.cell.record) or {}
+            entry.update({f"record_{k}": facts.get(k) for k in ("threads", "commit", "date", "torch")})
+            entry.setdefault("seconds", facts.get("seconds"))  # its first build's, when not made by this run
         else:
             entry["status"] = "failed"
             entry.setdefault("error", row.get("error", "not made yet"))
@@ -396,12 +373,16 @@ def _table(args) -> int:
              "attacks": attacks, "defenses": defenses, "seeds": seeds, "record_seeds": record_seeds,
              "protocol_note": protocol.note, "forced": preset.forced, "changes": changes,
              "rates": {j.meta["dataset"]: j.attack.pratio for j in jobs},
-             "wall_seconds": round(time.time() - started, 1),
+             "wall_seconds": round(time.time() - started, 1), "assembled": bool(args.assemble),
              **provenance()}
-    if executor.kind != "serial" and not args.assemble:  # the cells' threads, not this process's
-        per_cell = executor.threads or max(1, int(facts["threads"]) // executor.workers)
-        plural = "s" if per_cell > 1 else ""
-        facts["threads"] = f"{per_cell} thread{plural} per cell, {executor.workers} {executor.kind} workers"
+    # The cells' threads, not this process's: as each cell's summary recorded them, else as the
+    # executor was told to run them.
+    per_cell = cells_threads(cells)
+    if per_cell is None and not args.assemble:
+        per_cell = threads_text(executor.threads or max(1, int(facts["threads"]) // max(executor.workers, 1)))
+    pool = f", {executor.workers} {executor.kind} workers" if executor.kind != "serial" and not args.assemble else ""
+    facts["threads"] = (f"{per_cell} per cell{pool}" if per_cell is not None
+                        else "thread counts of the cells not recorded: made before cells kept them")
     text = report(facts, df, defenses, paired, cells)
     atomic_write_text(paths["md"], text)
     atomic_write_text(out / "paired.md", paired_markdown(paired) if paired else "")
@@ -418,6 +399,37 @@ def _table(args) -> int:
             return 1
         print(f"CI gate passed ({spec.source})")
     return 0
+
+
+def cells_threads(cells: pd.DataFrame) -> Optional[str]:
+    """The torch thread counts the finished cells ran at (``1 thread``, ``1 thread and 2 threads``),
+    from their summaries; None when any finished cell did not record it."""
+    if "environment" not in cells:
+        return None
+    envs = [e for e in cells["environment"] if isinstance(e, dict)]
+    counts = {e.get("torch_threads") for e in envs}
+    if not envs or None in counts:
+        return None
+    return " and ".join(threads_text(c) for c in sorted(counts, key=int))
+
+
+def records_line(cells: pd.DataFrame) -> str:
+    """The thread count each record was built at (it changes the record: float rounding), from
+    the ``provenance.json`` beside it; records made before records kept one are named as such."""
+    rows = cells[(cells["defense"] == "(attack)") & (cells["status"] == "ok")]
+    if rows.empty:
+        return "Records: none made."
+    several = rows["record_seed"].nunique() > 1 if "record_seed" in rows else False
+    groups: Dict[str, List[str]] = {}
+    for _, r in rows.iterrows():
+        threads = r.get("record_threads")
+        known = threads is not None and not pd.isna(threads)
+        key = f"at {threads_text(int(threads))}" if known else \
+            "at a thread count not known (made before records kept provenance.json)"
+        name = f"{r['attack']} on {r['dataset']}" + (f" (record seed {r['record_seed']})" if several else "")
+        groups.setdefault(key, []).append(name)
+    return ("Records built " + "; ".join(f"{key}: {', '.join(names)}" for key, names in groups.items())
+            + " (a record rebuilt at another thread count differs).")
 
 
 def seconds_table(cells: pd.DataFrame, defenses: Sequence[str]) -> str:
@@ -446,6 +458,8 @@ def report(facts: Dict, df: pd.DataFrame, defenses: Sequence[str], paired, cells
     rates = facts.get("rates") or {}
     rate_text = (f"{100 * facts['pratio']:g}% poisoning" if len(set(rates.values())) <= 1 else
                  "poisoning " + ", ".join(f"{d} {100 * r:g}%" for d, r in rates.items()))
+    when = ("assembled from the cells finished so far (their seconds below)." if facts.get("assembled")
+            else f"{facts['wall_seconds'] / 60:.0f} min in all.")
     head = [f"# Table 2: {facts['preset']} preset, {facts['protocol']} protocol, {rate_text}",
             "",
             f"Protocol: {facts['protocol_note']}.",
@@ -455,12 +469,13 @@ def report(facts: Dict, df: pd.DataFrame, defenses: Sequence[str], paired, cells
             f"Each cell: mean ± std over {n} replicates (clean-subset seeds {facts['seeds']} x record seeds "
             f"{facts['record_seeds']}); CA and ASR in %, DEM a fraction; '-' a cell that failed.",
             f"Made by commit {facts['commit']} on {facts['date']}, {facts['machine']}, torch {facts['torch']} "
-            f"({_threads_text(facts['threads'])}); {facts['wall_seconds'] / 60:.0f} min in all.", ""]
+            f"({facts['threads']}); {when}", ""]
     unfinished = cells[~cells["status"].isin(["ok", "cached"])]
     if len(unfinished):
         states = unfinished.groupby("status").size()
         head[-1:-1] = ["**Not finished: " + ", ".join(f"{n} cells {s}" for s, n in states.items())
                        + " (cells.csv lists them; they are '-' or left out of their cells' means).**"]
+    head[-1:-1] = [records_line(cells)]
     body = seeded_markdown(df, defenses)
     if paired:
         body += ("\n## PGBD minus the best other defense (DEM), per replicate\n\n"
