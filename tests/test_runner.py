@@ -191,6 +191,9 @@ def test_assemble_writes_what_finished_and_marks_the_rest(tmp_path, tiny_data):
     next(root.glob("*/provenance.json")).unlink()
     assert table2.main(_argv(tiny_data, root, out, "--assemble")) == 0
     assert "Records built at a thread count not known" in (out / "table2.md").read_text()
+    next(root.iterdir()).joinpath("provenance.json").write_text("[1]")  # JSON, but not an object
+    assert table2.main(_argv(tiny_data, root, out, "--assemble")) == 0
+    assert "Records built at a thread count not known" in (out / "table2.md").read_text()
 
 
 def test_plan_counts_the_cells_and_times_them_measured_or_estimated(tmp_path, tiny_data, capsys):

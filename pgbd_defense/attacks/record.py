@@ -194,14 +194,16 @@ def build_attack_record(folder: Path, s: AttackSettings, data_root: Optional[str
                          poisoned=poisoned, mmdr_lambda=s.mmdr_lambda, mmdr_layers=s.mmdr_layers)
     metrics = evaluate(model, test, bd_test, normalize, device=device)
     log.info("backdoored model: CA %.4f ASR %.4f RA %.4f", metrics["test_acc"], metrics["test_asr"], metrics["test_ra"])
+    # Beside the record, not in it: a table reads it for every record without loading the images.
+    # Written first: a record counts as made once attack_result.pt exists, and a rebuild rewrites this.
+    facts = {**provenance(), "device": device, "seconds": round(time.time() - started, 1)}
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(folder) / PROVENANCE_FILE, json.dumps(facts, indent=1) + "\n")
     write_attack_record(folder, model=model, model_name=s.model, num_classes=info.num_classes,
                         clean_data=s.dataset, data_path=str(data_root or ""), img_size=(*info.size[:2], channels),
                         bd_train=bd_train, bd_test=bd_test, train_size=len(train), test_size=len(test),
                         save_png=save_png, extra={"attack": s.attack, "attack_settings": asdict(s),
                                                   "attack_metrics": metrics, **trigger_facts(attack)})
-    # Beside the record, not in it: a table reads it for every record without loading the images.
-    facts = {**provenance(), "device": device, "seconds": round(time.time() - started, 1)}
-    atomic_write_text(Path(folder) / PROVENANCE_FILE, json.dumps(facts, indent=1) + "\n")
     return metrics
 
 
@@ -215,7 +217,10 @@ def read_provenance(folder: Path) -> Optional[dict]:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        facts = json.loads(path.read_text())
     except ValueError:
-        log.warning("%s is not JSON; the record's provenance is not known", path)
+        facts = None
+    if not isinstance(facts, dict):
+        log.warning("%s is not a JSON object; the record's provenance is not known", path)
         return None
+    return facts

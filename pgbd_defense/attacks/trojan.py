@@ -100,7 +100,8 @@ class TrojanWatermark(Attack):
         opt = torch.optim.Adam([logit], lr=0.1)
         x01 = images.to(device).float() / 255.0
         mean, std = normalize.mean.to(device), normalize.std.to(device)
-        # the weights stay as they are: their gradients would cost a second backward pass for nothing
+        # the weights stay as they are: their gradients would add the weight-gradient half of every
+        # backward pass for nothing
         with frozen_weights(model), capture(model, head, inputs=True) as store:
             for _ in range(self.steps):
                 stamped = (1 - mask) * x01 + mask * torch.sigmoid(logit)

@@ -113,7 +113,8 @@ def fit_perturbation(model, train: ImageSet, normalize: Normalizer, cfg: IBAUCon
     """One universal delta over the clean subset: one SGD step per batch (see the module docstring)."""
     delta = torch.zeros((1, *train.images.shape[1:]), device=device, requires_grad=True)
     opt = torch.optim.SGD([delta], lr=cfg.pert_lr)
-    # frozen weights: only delta is fitted here, and the weights' gradients would double the backward pass
+    # frozen weights: only delta is fitted here, and the weights' gradients would add the
+    # weight-gradient half of every backward pass
     with eval_mode(model), frozen_weights(model):
         for x, _, _ in iterate(train.images, train.labels, cfg.batch_size, normalize, shuffle=True,
                                augment=cfg.augment, hflip=hflip, generator=generator, device=device):

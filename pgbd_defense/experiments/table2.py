@@ -379,9 +379,10 @@ def _table(args) -> int:
     # executor was told to run them.
     per_cell = cells_threads(cells)
     if per_cell is None and not args.assemble:
-        per_cell = threads_text(executor.threads or max(1, int(facts["threads"]) // max(executor.workers, 1)))
+        per_cell = threads_text(executor.threads or max(1, int(facts["threads"]) // max(executor.workers, 1))) \
+            + " per cell"
     pool = f", {executor.workers} {executor.kind} workers" if executor.kind != "serial" and not args.assemble else ""
-    facts["threads"] = (f"{per_cell} per cell{pool}" if per_cell is not None
+    facts["threads"] = (per_cell + pool if per_cell is not None
                         else "thread counts of the cells not recorded: made before cells kept them")
     text = report(facts, df, defenses, paired, cells)
     atomic_write_text(paths["md"], text)
@@ -402,15 +403,18 @@ def _table(args) -> int:
 
 
 def cells_threads(cells: pd.DataFrame) -> Optional[str]:
-    """The torch thread counts the finished cells ran at (``1 thread``, ``1 thread and 2 threads``),
-    from their summaries; None when any finished cell did not record it."""
+    """The torch thread counts the finished cells ran at, from their summaries (``1 thread per
+    cell``; ``1 thread per cell, 4 cells not recorded`` when older cells did not record it); None
+    when no finished cell recorded it."""
     if "environment" not in cells:
         return None
     envs = [e for e in cells["environment"] if isinstance(e, dict)]
-    counts = {e.get("torch_threads") for e in envs}
-    if not envs or None in counts:
+    known = sorted({str(e["torch_threads"]) for e in envs if e.get("torch_threads") is not None})
+    if not known:
         return None
-    return " and ".join(threads_text(c) for c in sorted(counts, key=int))
+    missing = sum(1 for e in envs if e.get("torch_threads") is None)
+    text = " and ".join(threads_text(c) for c in known) + " per cell"
+    return text + (f", {missing} cells not recorded (made before cells kept it)" if missing else "")
 
 
 def records_line(cells: pd.DataFrame) -> str:
@@ -424,8 +428,8 @@ def records_line(cells: pd.DataFrame) -> str:
     for _, r in rows.iterrows():
         threads = r.get("record_threads")
         known = threads is not None and not pd.isna(threads)
-        key = f"at {threads_text(int(threads))}" if known else \
-            "at a thread count not known (made before records kept provenance.json)"
+        key = f"at {threads_text(threads)}" if known else \
+            "at a thread count not known (no readable provenance.json: made before records kept one, or elsewhere)"
         name = f"{r['attack']} on {r['dataset']}" + (f" (record seed {r['record_seed']})" if several else "")
         groups.setdefault(key, []).append(name)
     return ("Records built " + "; ".join(f"{key}: {', '.join(names)}" for key, names in groups.items())
