@@ -404,7 +404,7 @@ def _table(args) -> int:
 
 def cells_threads(cells: pd.DataFrame) -> Optional[str]:
     """The torch thread counts the finished cells ran at, from their summaries (``1 thread per
-    cell``; ``1 thread per cell, 4 cells not recorded`` when older cells did not record it); None
+    cell``; ``1 thread per cell; 4 cells not recorded: ...`` when older cells did not record it); None
     when no finished cell recorded it."""
     if "environment" not in cells:
         return None
@@ -414,7 +414,7 @@ def cells_threads(cells: pd.DataFrame) -> Optional[str]:
         return None
     missing = sum(1 for e in envs if e.get("torch_threads") is None)
     text = " and ".join(threads_text(c) for c in known) + " per cell"
-    return text + (f", {missing} cells not recorded (made before cells kept it)" if missing else "")
+    return text + (f"; {missing} cells not recorded: made before cells kept it" if missing else "")
 
 
 def records_line(cells: pd.DataFrame) -> str:
