@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,6 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from . import __version__
 from . import datasets as data_mod
 from .attacks.record import AttackSettings, build_attack_record, record_name
 from .datasets.batches import Normalizer
@@ -51,6 +49,7 @@ from .settings import Settings, preset_default
 from .util.atomic import atomic_write_text
 from .util.digest import raw_bytes, update_with_weights
 from .util.hooks import LayerNotFoundError, find_layer, last_conv_name
+from .util.provenance import environment
 
 log = logging.getLogger(__name__)
 
@@ -176,18 +175,6 @@ def draw_clean_subset(n_train: int, ratio: float, seed: int) -> List[int]:
         raise ConfigError(f"ratio (clean share) must lie in (0, 1], got {ratio}")
     gen = torch.Generator().manual_seed(seed)
     return sorted(torch.randperm(n_train, generator=gen)[: max(1, int(round(ratio * n_train)))].tolist())
-
-
-def environment() -> Dict[str, str]:
-    """Versions that decide the numbers, saved with every result (torch's thread count among
-    them: it changes the order of floating-point sums)."""
-    import numpy
-    import sklearn
-    import torchvision
-
-    return {"pgbd_defense": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": numpy.__version__, "scikit-learn": sklearn.__version__, "python": platform.python_version(),
-            "machine": platform.machine(), "torch_threads": str(torch.get_num_threads())}
 
 
 def poisoned_evaluation(record: AttackRecord, record_dir: Path, normalize: Normalizer, device: str) -> Dict:

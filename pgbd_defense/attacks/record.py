@@ -139,6 +139,25 @@ def subset(images: torch.Tensor, labels: torch.Tensor, s: AttackSettings, *more:
     return (images[keep], labels[keep], *(t[keep] for t in more))
 
 
+PROVENANCE_FILE = "provenance.json"
+
+
+def read_provenance(folder: Path) -> Optional[dict]:
+    """The facts ``build_attack_record`` wrote beside a record; None for a record made before it
+    wrote them, or by BackdoorBench."""
+    path = Path(folder) / PROVENANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        facts = json.loads(path.read_text())
+    except ValueError:
+        facts = None
+    if not isinstance(facts, dict):
+        log.warning("%s is not a JSON object; the record's provenance is not known", path)
+        return None
+    return facts
+
+
 def build_attack_record(folder: Path, s: AttackSettings, data_root: Optional[str] = None,
                         download: bool = False, device: str = "cpu", save_png: bool = True) -> dict:
     """Train a backdoored model and write ``folder/attack_result.pt`` (and ``folder/provenance.json``:
@@ -206,21 +225,3 @@ def build_attack_record(folder: Path, s: AttackSettings, data_root: Optional[str
                                                   "attack_metrics": metrics, **trigger_facts(attack)})
     return metrics
 
-
-PROVENANCE_FILE = "provenance.json"
-
-
-def read_provenance(folder: Path) -> Optional[dict]:
-    """The facts ``build_attack_record`` wrote beside a record; None for a record made before it
-    wrote them, or by BackdoorBench."""
-    path = Path(folder) / PROVENANCE_FILE
-    if not path.is_file():
-        return None
-    try:
-        facts = json.loads(path.read_text())
-    except ValueError:
-        facts = None
-    if not isinstance(facts, dict):
-        log.warning("%s is not a JSON object; the record's provenance is not known", path)
-        return None
-    return facts

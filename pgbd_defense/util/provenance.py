@@ -1,4 +1,5 @@
-"""Where and how a result was made: commit, date, machine, torch and its thread count.
+"""Where and how a result was made: commit, date, machine, the versions that decide the numbers,
+and torch's thread count.
 
 Tables and attack records both carry it: the thread count changes the order of floating-point
 sums, so two records made by the same command at different thread counts differ (an IAB record
@@ -40,3 +41,15 @@ def threads_text(threads) -> str:
     if not text.isdigit():
         return text
     return f"{text} thread" + ("" if text == "1" else "s")
+
+
+def environment() -> Dict[str, str]:
+    """Versions that decide the numbers, saved with every result (torch's thread count among
+    them: it changes the order of floating-point sums)."""
+    import numpy
+    import sklearn
+    import torchvision
+
+    return {"pgbd_defense": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "scikit-learn": sklearn.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "torch_threads": str(torch.get_num_threads())}
