@@ -210,29 +210,6 @@ def test_plan_counts_the_cells_and_times_them_measured_or_estimated(tmp_path, ti
     assert "| mnist | ft | 2 | 0 |" in text and "measured (2 cells)" in text and "| mnist | pgbd | 2 | 2 |" in text
 
 
-def test_a_cells_estimate_draws_its_clean_subset_from_the_images_its_record_trained_on():
-    from pgbd_defense.attacks.record import AttackSettings
-    from pgbd_defense.experiments.cells import Cell
-    from pgbd_defense.experiments.plan import job_seconds
-    from pgbd_defense.experiments.runner import CellJob
-
-    class FixedRates:  # 100 images/s training at any batch size, 1000 evaluating
-        def train(self, batch):
-            return 100.0
-
-        def eval(self):
-            return 1000.0
-
-    def seconds(train_subset):
-        job = CellJob(Cell(Path("r"), "ft", {"ratio": 0.05, "epochs": 2}),
-                      attack=AttackSettings(train_subset=train_subset))
-        return job_seconds(job, "cpu", 60000, 10000, FixedRates())
-
-    # FT: epochs x clean images / 100, plus both 10,000-image test sets at 1000 images/s
-    assert seconds(20000) == pytest.approx(2 * 1000 / 100 + 2 * 10000 / 1000)  # 5% of 20,000
-    assert seconds(0) == pytest.approx(2 * 3000 / 100 + 2 * 10000 / 1000)  # 0: the whole 60,000
-
-
 def test_a_setting_changed_for_every_cell_is_its_own_cell_and_named(tmp_path, tiny_data, caplog):
     root = tmp_path / "rec"
     assert table2.main(_argv(tiny_data, root, tmp_path / "a", "--defenses", "ft", "--set", "amp=true",

@@ -104,14 +104,6 @@ def cell_seconds(settings, n_train: int, n_test: int, rates: Rates) -> float:
     return train + (forward + 2 * n_test) / rates.eval()
 
 
-def job_seconds(job: CellJob, protocol_preset: str, n_train: int, n_test: int, rates: Rates) -> float:
-    """An estimate of one cell of a grid: its clean subset is ``ratio`` of the images its record
-    trained on (the attack's ``train_subset`` where one is set, not the whole split)."""
-    settings = resolve(protocol_preset, job.cell.defense, None, dict(job.cell.settings))
-    pool = (job.attack.train_subset if job.attack is not None else 0) or n_train
-    return cell_seconds(settings, int(round(settings["ratio"] * pool)), n_test, rates)
-
-
 def record_seconds(attack, n_train: int, n_test: int, rates: Rates) -> float:
     images = attack.train_subset or n_train
     return attack.epochs * images / rates.train(attack.batch_size) + 2 * n_test / rates.eval()
@@ -157,9 +149,10 @@ def plan_text(jobs: Sequence[CellJob], protocol_preset: str, device: str) -> str
             if done:
                 each, how = sorted(done)[len(done) // 2], f"measured ({len(done)} cells)"
             elif rates is not None and n_train:
-                # per cell: the attacks of one kind may train on different subsets (WaNet's is larger)
-                guesses = [job_seconds(jobs[i], protocol_preset, n_train, n_test, rates) for i in todo or idx]
-                each, how = sum(guesses) / len(guesses), "estimated"
+                job = jobs[idx[0]]
+                settings = resolve(protocol_preset, job.cell.defense, None, dict(job.cell.settings))
+                n_clean = int(round(settings["ratio"] * n_train))
+                each, how = cell_seconds(settings, n_clean, n_test, rates), "estimated"
             else:
                 each, how = math.nan, "unknown (no data set size)"
             total += each * len(todo) if not math.isnan(each) else 0.0
