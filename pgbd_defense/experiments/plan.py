@@ -151,6 +151,8 @@ def plan_text(jobs: Sequence[CellJob], protocol_preset: str, device: str) -> str
             elif rates is not None and n_train:
                 job = jobs[idx[0]]
                 settings = resolve(protocol_preset, job.cell.defense, None, dict(job.cell.settings))
+                # the record keeps the whole clean training split (the attack's train_subset only
+                # limits what the backdoored model trained on), so the subset is ratio x the split
                 n_clean = int(round(settings["ratio"] * n_train))
                 each, how = cell_seconds(settings, n_clean, n_test, rates), "estimated"
             else:
