@@ -97,6 +97,10 @@ def test_adaptive_record_round_trip_and_names(tmp_path, tiny_data):
     s = PRESETS["ci"].attack_settings("wanet*", "fashion-mnist", 0.1, "equal-budget", 0)
     assert s.attack == "wanet" and s.mmdr_lambda > 0 and s.mmdr_layers
     assert PRESETS["ci"].attack_settings("wanet", "fashion-mnist", 0.1, "equal-budget", 0).mmdr_lambda == 0.0
+    # at 1% BadNets* takes the calibrated weight and longer training; plain BadNets keeps its own
+    star = PRESETS["ci"].attack_settings("badnet*", "fashion-mnist", 0.01, "equal-budget", 0)
+    plain = PRESETS["ci"].attack_settings("badnet", "fashion-mnist", 0.01, "equal-budget", 0)
+    assert (star.mmdr_lambda, star.epochs) == (0.1, 5) and (plain.mmdr_lambda, plain.epochs) == (0.0, 3)
 
 
 def test_separation_is_chance_for_identical_sets_and_perfect_for_shifted_ones():

@@ -57,10 +57,20 @@ def serial(tmp_path, tiny_data):
 
 
 def _launch(tmp_path, data, root, out, *extra, epochs=1):
+    """A table2 launch in its own process group; its output goes to files (a pipe nobody reads
+    until the end would block a chatty child once the pipe's buffer is full). ``_stderr`` reads it."""
     env = {**os.environ, "TINY_EPOCHS": str(epochs), "PGBD_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, str(REPO / "tests" / "tiny_table.py"), *_argv(data, root, out, *extra)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    log = tmp_path / f"{Path(out).name}_{time.monotonic_ns()}.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "tiny_table.py"),
+                                 *_argv(data, root, out, *extra)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=sink, text=True, start_new_session=True)
+    proc.log = log
+    return proc
+
+
+def _stderr(proc) -> str:
+    return proc.log.read_text()
 
 
 def test_submitit_local_executor_gives_the_serial_table(tmp_path, tiny_data, serial):
@@ -92,18 +102,18 @@ def test_a_launch_killed_mid_cell_is_completed_by_the_next_and_loses_nothing(tmp
     # The second cell (pgbd, seed 0) runs after the first finished: kill it after some epochs.
     deadline = time.time() + 600
     while not list(root.glob("*/defense/pgbd_*/checkpoint/last.pt")):
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        assert proc.poll() is None and time.time() < deadline, _stderr(proc)[-2000:]
         time.sleep(0.2)
     time.sleep(1.0)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert ref_proc.wait(timeout=600) == 0, ref_proc.stderr.read()[-2000:]
+    assert ref_proc.wait(timeout=600) == 0, _stderr(ref_proc)[-2000:]
     status = subprocess.run([sys.executable, str(REPO / "tests" / "tiny_table.py"),
                              *_argv(tiny_data, root, out, "--status")], capture_output=True, text=True,
                             env={**os.environ, "TINY_EPOCHS": "40"})
     assert "4 cells: 1 done, 0 running, 0 failed, 3 queued" in status.stdout, status.stdout + status.stderr
     proc = _launch(tmp_path, tiny_data, root, out, epochs=40)
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
+    assert proc.wait(timeout=600) == 0, _stderr(proc)[-2000:]
     cells = _cells(out)
     assert cells.loc[("ft", 0), "status"] == "cached"  # finished before the kill: read, not rerun
     assert cells.loc[("pgbd", 0), "status"] == "ok"  # redone, from its checkpoint
@@ -114,8 +124,8 @@ def test_two_launches_at_once_compute_each_cell_once(tmp_path, tiny_data, serial
     root = tmp_path / "rec_shared"
     procs = [_launch(tmp_path, tiny_data, root, tmp_path / name) for name in ("first", "second")]
     for p in procs:
-        assert p.wait(timeout=600) == 0, p.stderr.read()[-2000:]
-    errs = "".join(p.stderr.read() for p in procs)
+        assert p.wait(timeout=600) == 0, _stderr(p)[-2000:]
+    errs = "".join(_stderr(p) for p in procs)
     assert errs.count("making the badnet record") == 1
     first, second = _cells(tmp_path / "first"), _cells(tmp_path / "second")
     for key in first.index:  # each cell computed by one launch and read by the other
