@@ -7,6 +7,16 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("PGBD_NO_PROGRESS", "1")
+# Under pytest-xdist (the README's test command runs two workers) each worker is one process on
+# one core: torch's default of one thread per core would put two threads on each core and slow
+# both workers several-fold. One thread per worker, also for the processes tests start (they
+# inherit the environment). Set before torch reads it, hence here and at import time.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 FIXTURE_RECORD = SHARED / "fixtures" / "backdoorbench" / "record" / "badnet_0_1_fmnist"
