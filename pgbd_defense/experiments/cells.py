@@ -101,7 +101,7 @@ def defaults_fingerprint() -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def _wanted(cell: Cell) -> Dict:
+def wanted_settings(cell: Cell) -> Dict:
     """What ``cell.json`` holds when the cell's results are the current settings' results."""
     return json.loads(json.dumps({**cell.identity(), "defaults": defaults_fingerprint()}, default=str))
 
@@ -110,7 +110,7 @@ def cell_done(cell: Cell) -> bool:
     """Whether the cell finished with its current settings (``cell.json`` is written last)."""
     settings_path = cell.folder / "cell.json"
     return (cell.folder / "summary.json").is_file() and settings_path.is_file() \
-        and json.loads(settings_path.read_text()) == _wanted(cell)
+        and json.loads(settings_path.read_text()) == wanted_settings(cell)
 
 
 def run_cell(cell: Cell, data_root: Optional[str] = None, recompute: bool = False, device: str = "cpu") -> Dict:
@@ -120,7 +120,7 @@ def run_cell(cell: Cell, data_root: Optional[str] = None, recompute: bool = Fals
     row = {"record": str(cell.record), "defense": cell.label or cell.defense, "cell": cell.name}
     summary_path = cell.folder / "summary.json"
     settings_path = cell.folder / "cell.json"
-    wanted = _wanted(cell)
+    wanted = wanted_settings(cell)
     if not recompute and cell_done(cell):
         return {**row, **json.loads(summary_path.read_text()), "status": "cached"}
     started = time.time()

@@ -21,6 +21,7 @@ jobs go to a process pool or to submitit.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import multiprocessing
@@ -43,6 +44,7 @@ from ..util.atomic import atomic_write_text
 from ..util.logs import setup_logging
 from ..util.progress import progress, quiet
 from ..util.threads import torch_threads
+from .archive import import_cell, read_archive
 from .cells import Cell, cell_done, ensure_record, run_cell, shared_index
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class CellJob:
     data_root: Optional[str] = None
     recompute: bool = False
     meta: Dict[str, Any] = field(default_factory=dict)
+    archive: Optional[str] = None  # a cell archive to take this cell from, when it holds it (archive.py)
 
 
 def record_folder(record_root: Path, attack: AttackSettings) -> Path:
@@ -119,8 +122,20 @@ def _execute(job: CellJob, device: str) -> Dict[str, Any]:
         log.error("%s: cannot make the record: %s", job.cell.record, e)
         return {**row, "status": "failed", "error": f"no record: {type(e).__name__}: {e}"}
     with cell_lock(job.cell):
+        if job.archive and not job.recompute:
+            imported, why_not = import_cell(job.cell, read_archive_cached(job.archive))
+            if imported:
+                log.info("%s: imported from %s", job.cell.folder, job.archive)
+            elif why_not:
+                log.warning("%s: not imported from %s: %s; running it", job.cell.folder, job.archive, why_not)
         result = run_cell(job.cell, job.data_root, job.recompute, device)
     return {**result, **job.meta, "defense": job.cell.label or job.cell.defense}
+
+
+@functools.lru_cache(maxsize=4)
+def read_archive_cached(path: str) -> Dict[str, Dict[str, Any]]:
+    """An archive read once per worker process, not once per cell."""
+    return read_archive(Path(path))
 
 
 # ---------------------------------------------------------------- executors

@@ -28,7 +28,9 @@ gives, per attack, PGBD minus the best other defense per replicate and its 95% t
 Writes ``table2.md`` (provenance, both tables, seconds per cell), ``table2.csv``,
 ``table2.tex``, ``paired.md``, ``dem.png``, ``cells.csv`` (one row per cell: status,
 seconds, log) and ``run.json`` to ``--out``. ``--check`` applies the CI gate of the setting
-and exits 1 when it fails.
+and exits 1 when it fails. A table too long for one session is carried to the next machine
+with ``--export-cells FILE`` and ``--import-cells FILE`` (``archive.py``: a cell is taken
+only where the record made there is the same record).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from ..util.atomic import atomic_path, atomic_write_text
 from ..util.logs import setup_logging
 from ..util.progress import quiet
 from ..util.provenance import provenance, threads_text
+from .archive import export_cells, missing_keys, read_archive
 from .cells import Cell
 from .plan import plan_text
 from .runner import CellJob, add_executor_arguments, executor_spec, record_folder, state_counts, status_rows
@@ -250,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="say which cells are done, running, failed or queued (from their folders) and stop")
     p.add_argument("--assemble", action="store_true",
                    help="write the table from the cells finished so far, running nothing (the rest show as missing)")
+    p.add_argument("--import-cells", metavar="FILE",
+                   help="take finished cells from this archive (written by --export-cells, e.g. on another machine) "
+                        "instead of running them, where the record made here is the same record; others run")
+    p.add_argument("--export-cells", metavar="FILE",
+                   help="write this table's finished cells to FILE (JSON, small enough to commit), for --import-cells")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (also PGBD_NO_PROGRESS=1)")
     p.add_argument("-v", "--verbose", action="store_true")
     add_executor_arguments(p)
@@ -340,6 +348,11 @@ def _table(args) -> int:
     out = Path(args.out or f"out/table2_{args.preset}_{args.protocol}_{pratio:g}")
     executor = executor_spec(args, out)  # checked before anything is written
     jobs = plan_jobs(preset, protocol, args, datasets, attacks, defenses, args.pratio, seeds, record_seeds, changes)
+    if args.import_cells:
+        archive = read_archive(Path(args.import_cells))  # a bad file stops here, before anything runs
+        unmatched = missing_keys([j.cell for j in jobs], archive)
+        log.info("%s: %d archived cells, %d of them not in this table", args.import_cells, len(archive), len(unmatched))
+        jobs = [replace(j, archive=str(Path(args.import_cells).resolve())) for j in jobs]
     if args.plan:
         print(plan_text(jobs, protocol.preset, executor.devices[0]))
         return 0
@@ -386,6 +399,9 @@ def _table(args) -> int:
     pool = f", {executor.workers} {executor.kind} workers" if executor.kind != "serial" and not args.assemble else ""
     facts["threads"] = (per_cell + pool if per_cell is not None
                         else "thread counts of the cells not recorded: made before cells kept them")
+    if args.export_cells:
+        count = export_cells([j.cell for j in jobs], Path(args.export_cells))
+        log.info("%d finished cells written to %s", count, args.export_cells)
     text = report(facts, df, defenses, paired, cells)
     atomic_write_text(paths["md"], text)
     atomic_write_text(out / "paired.md", paired_markdown(paired) if paired else "")
