@@ -132,6 +132,26 @@ def test_records_round_trip_for_every_attack(tmp_path, tiny_data, name):
     assert torch.equal(rec.bd_train.images, bd_train.images) and torch.equal(rec.bd_train.labels, bd_train.labels)
 
 
+@pytest.mark.parametrize("name", [n for n in STAMPED if not ATTACKS.get(n).data_sets])  # ROF's: test_rof.py
+def test_a_record_does_not_depend_on_what_the_process_drew_before(tmp_path, tiny_data, name):
+    # A table worker builds records after other work: the same settings must give the same record
+    # whatever the global random state (an unseeded TrojanNN reference model once broke this).
+    from pgbd_defense.attacks.record import AttackSettings, build_attack_record
+    from pgbd_defense.experiments.archive import record_fingerprint
+
+    settings = AttackSettings(attack=name, dataset="mnist", width=0.0625, epochs=1, lr=0.05, batch_size=16,
+                              augment=False, pratio=0.1, iab_mask_epochs=1)
+    prints = []
+    for i, history in enumerate((0, 12345)):
+        torch.manual_seed(history)
+        torch.rand(1000)
+        folder = tmp_path / f"run{i}"
+        with torch_threads(1):
+            build_attack_record(folder, settings, data_root=str(tiny_data), save_png=False)
+        prints.append(record_fingerprint(folder))
+    assert prints[0] == prints[1]
+
+
 from .conftest import needs_fashion_mnist  # noqa: E402
 
 # The ASR each attack must reach on a Fashion-MNIST subset (BadNets: the session's shared record,
