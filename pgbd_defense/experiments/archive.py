@@ -164,7 +164,7 @@ def import_cell(cell: Cell, archive: Dict[str, Dict[str, Any]]) -> Tuple[bool, O
     return True, None
 
 
-def missing_keys(cells: Iterable[Cell], archive: Dict[str, Dict[str, Any]]) -> List[str]:
+def unmatched_entries(cells: Iterable[Cell], archive: Dict[str, Dict[str, Any]]) -> List[str]:
     """Archived cells no cell of the grid matches (another grid's, or settings changed since)."""
     wanted = {match_key(c) for c in cells}
     return [k for k in archive if k not in wanted]

@@ -54,7 +54,7 @@ from ..util.atomic import atomic_path, atomic_write_text
 from ..util.logs import setup_logging
 from ..util.progress import quiet
 from ..util.provenance import provenance, threads_text
-from .archive import export_cells, missing_keys, read_archive
+from .archive import export_cells, read_archive, unmatched_entries
 from .cells import Cell
 from .plan import plan_text
 from .runner import CellJob, add_executor_arguments, executor_spec, record_folder, state_counts, status_rows
@@ -350,7 +350,7 @@ def _table(args) -> int:
     jobs = plan_jobs(preset, protocol, args, datasets, attacks, defenses, args.pratio, seeds, record_seeds, changes)
     if args.import_cells:
         archive = read_archive(Path(args.import_cells))  # a bad file stops here, before anything runs
-        unmatched = missing_keys([j.cell for j in jobs], archive)
+        unmatched = unmatched_entries([j.cell for j in jobs], archive)
         log.info("%s: %d archived cells, %d of them not in this table", args.import_cells, len(archive), len(unmatched))
         jobs = [replace(j, archive=str(Path(args.import_cells).resolve())) for j in jobs]
     if args.plan:
