@@ -87,6 +87,14 @@ def test_cells_of_other_settings_are_not_taken(tmp_path, tiny_data, first_machin
     assert "2 archived cells, 2 of them not in this table" in caplog.text
 
 
+def test_exporting_a_slice_to_the_file_it_imported_from_keeps_the_rest(tmp_path, tiny_data, first_machine):
+    # the archive holds FT's cells; a PGBD-only slice is run and exported to the same file
+    assert table2.main(_argv(tiny_data, tmp_path / "rec_b", tmp_path / "b", "--defenses", "pgbd",
+                             "--import-cells", str(first_machine), "--export-cells", str(first_machine))) == 0
+    defenses = sorted(e["summary"]["defense"] for e in json.loads(first_machine.read_text())["cells"])
+    assert defenses == ["ft", "ft", "pgbd", "pgbd"]
+
+
 @pytest.mark.parametrize("text, message", [
     (None, "no such file"),
     ("{not json", "not JSON"),

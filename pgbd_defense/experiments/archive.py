@@ -108,9 +108,11 @@ def match_key(cell: Cell) -> str:
                       sort_keys=True, default=str)
 
 
-def export_cells(cells: Iterable[Cell], path: Path) -> int:
-    """Write the finished ones of ``cells`` to ``path``; returns how many."""
-    entries = []
+def export_cells(cells: Iterable[Cell], path: Path, keep: Iterable[Dict[str, Any]] = ()) -> int:
+    """Write the finished ones of ``cells`` to ``path``, and after them the entries ``keep``
+    (an imported archive's cells that this grid does not cover, so that exporting a slice to
+    the file it imported from loses nothing); returns how many entries were written."""
+    entries = list(keep)
     for cell in cells:
         if not cell_done(cell):
             continue
@@ -164,7 +166,7 @@ def import_cell(cell: Cell, archive: Dict[str, Dict[str, Any]]) -> Tuple[bool, O
     return True, None
 
 
-def unmatched_entries(cells: Iterable[Cell], archive: Dict[str, Dict[str, Any]]) -> List[str]:
+def unmatched_entries(cells: Iterable[Cell], archive: Dict[str, Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Archived cells no cell of the grid matches (another grid's, or settings changed since)."""
     wanted = {match_key(c) for c in cells}
-    return [k for k in archive if k not in wanted]
+    return [entry for key, entry in archive.items() if key not in wanted]

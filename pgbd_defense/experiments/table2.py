@@ -348,6 +348,7 @@ def _table(args) -> int:
     out = Path(args.out or f"out/table2_{args.preset}_{args.protocol}_{pratio:g}")
     executor = executor_spec(args, out)  # checked before anything is written
     jobs = plan_jobs(preset, protocol, args, datasets, attacks, defenses, args.pratio, seeds, record_seeds, changes)
+    unmatched = []  # imported cells this table does not cover: --export-cells keeps them
     if args.import_cells:
         archive = read_archive(Path(args.import_cells))  # a bad file stops here, before anything runs
         unmatched = unmatched_entries([j.cell for j in jobs], archive)
@@ -400,7 +401,7 @@ def _table(args) -> int:
     facts["threads"] = (per_cell + pool if per_cell is not None
                         else "thread counts of the cells not recorded: made before cells kept them")
     if args.export_cells:
-        count = export_cells([j.cell for j in jobs], Path(args.export_cells))
+        count = export_cells([j.cell for j in jobs], Path(args.export_cells), keep=unmatched)
         log.info("%d finished cells written to %s", count, args.export_cells)
     text = report(facts, df, defenses, paired, cells)
     atomic_write_text(paths["md"], text)
