@@ -4,7 +4,6 @@ they give is the uninterrupted run's, to the last digit."""
 
 import json
 import logging
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -15,24 +14,13 @@ from pgbd_defense.experiments.archive import content_fingerprint, record_fingerp
 
 from . import tiny_table
 
-NUMBERS = ["ca", "asr", "ra", "dem", "ca_poisoned", "asr_poisoned", "selected_epoch"]
+NUMBERS = tiny_table.NUMBERS
+_argv, _cells = tiny_table.argv, tiny_table.defense_cells
 
 
 @pytest.fixture(autouse=True)
 def tiny_preset(monkeypatch):
-    monkeypatch.setitem(table2.PRESETS, "tiny", None)  # restored after the test
-    monkeypatch.setitem(table2.GATES, ("tiny", "equal-budget", 0.3), None)
-    tiny_table.register()
-
-
-def _argv(data, root, out, *extra):
-    return ["--preset", "tiny", "--protocol", "equal-budget", "--seeds", "0,1", "--data-root", str(data),
-            "--record-root", str(root), "--out", str(out), "--threads", "1", "--no-progress", *extra]
-
-
-def _cells(out) -> pd.DataFrame:
-    cells = pd.read_csv(Path(out) / "cells.csv")
-    return cells[cells["defense"] != "(attack)"].sort_values(["defense", "seed"]).set_index(["defense", "seed"])
+    tiny_table.use_in_test(monkeypatch)
 
 
 @pytest.fixture

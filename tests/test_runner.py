@@ -20,25 +20,13 @@ from pgbd_defense.experiments import table2
 from . import tiny_table
 
 REPO = Path(__file__).resolve().parents[1]
-NUMBERS = ["ca", "asr", "ra", "dem", "ca_poisoned", "asr_poisoned", "selected_epoch"]
+NUMBERS = tiny_table.NUMBERS
+_argv, _cells = tiny_table.argv, tiny_table.defense_cells
 
 
 @pytest.fixture(autouse=True)
 def tiny_preset(monkeypatch):
-    monkeypatch.setitem(table2.PRESETS, "tiny", None)  # restored after the test
-    monkeypatch.setitem(table2.GATES, ("tiny", "equal-budget", 0.3), None)
-    tiny_table.register()
-
-
-def _argv(data, root, out, *extra):
-    return ["--preset", "tiny", "--protocol", "equal-budget", "--seeds", "0,1", "--data-root", str(data),
-            "--record-root", str(root), "--out", str(out), "--threads", "1", "--no-progress", *extra]
-
-
-def _cells(out) -> pd.DataFrame:
-    cells = pd.read_csv(Path(out) / "cells.csv")
-    cells = cells[cells["defense"] != "(attack)"]
-    return cells.sort_values(["defense", "seed"]).set_index(["defense", "seed"])
+    tiny_table.use_in_test(monkeypatch)
 
 
 def _same_numbers(a, b) -> None:

@@ -14,6 +14,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pgbd_defense.attacks.record import AttackSettings  # noqa: E402
 from pgbd_defense.experiments import table2  # noqa: E402
 
+# The numbers two runs of the same grid must agree on to the last digit.
+NUMBERS = ["ca", "asr", "ra", "dem", "ca_poisoned", "asr_poisoned", "selected_epoch"]
+
+
+def use_in_test(monkeypatch) -> None:
+    """Register the preset and its gate for one test (monkeypatch restores the registries after)."""
+    monkeypatch.setitem(table2.PRESETS, "tiny", None)
+    monkeypatch.setitem(table2.GATES, ("tiny", "equal-budget", 0.3), None)
+    register()
+
+
+def argv(data, root, out, *extra) -> list:
+    """table2's arguments for the tiny grid (FT and PGBD, seeds 0-1, one thread per cell)."""
+    return ["--preset", "tiny", "--protocol", "equal-budget", "--seeds", "0,1", "--data-root", str(data),
+            "--record-root", str(root), "--out", str(out), "--threads", "1", "--no-progress", *extra]
+
+
+def defense_cells(out):
+    """The defense rows of ``out/cells.csv`` (not the records'), indexed by (defense, seed)."""
+    import pandas as pd
+
+    cells = pd.read_csv(Path(out) / "cells.csv")
+    cells = cells[cells["defense"] != "(attack)"]
+    return cells.sort_values(["defense", "seed"]).set_index(["defense", "seed"])
+
 
 def register() -> None:
     table2.PRESETS["tiny"] = table2.TablePreset(
