@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pgbd_defense.experiments import table2
+from pgbd_defense.experiments import runner, table2
+from pgbd_defense.experiments.cells import cell_done
 
 from . import tiny_table
 
@@ -120,6 +121,32 @@ def test_two_launches_at_once_compute_each_cell_once(tmp_path, tiny_data, serial
         assert {first.loc[key, "status"], second.loc[key, "status"]} == {"ok", "cached"}, key
     _same_numbers(tmp_path / "first", tmp_path / "second")
     _same_numbers(serial, tmp_path / "first")
+
+
+@pytest.mark.parametrize("executor", [[], ["--executor", "local", "--workers", "2"]], ids=["serial", "local"])
+def test_a_launch_skips_a_cell_another_process_holds_and_comes_back_to_it(tmp_path, tiny_data, executor):
+    # Another launch "runs" the grid's first cell (this test holds its lock): the launch must do
+    # the other cells meanwhile, not wait in line behind it (two launches would go in lockstep).
+    root, out = tmp_path / "rec", tmp_path / "out"
+    args = table2.build_parser().parse_args(_argv(tiny_data, root, out))
+    jobs = table2.plan_jobs(table2.PRESETS["tiny"], table2.PROTOCOLS["equal-budget"], args, ["mnist"], ["badnet"],
+                            ["ft", "pgbd"], None, [0, 1], [0])
+    held, others = jobs[0], jobs[1:]
+    lock = runner.cell_lock(held.cell)
+    lock.acquire()
+    proc = _launch(tmp_path, tiny_data, root, out, *executor)
+    try:
+        deadline = time.time() + 600
+        while not all(cell_done(j.cell) for j in others):
+            assert proc.poll() is None and time.time() < deadline, _stderr(proc)[-2000:]
+            time.sleep(0.2)
+        time.sleep(2 * runner.LOCK_POLL_SECONDS)  # it keeps coming back to the held cell, and waits
+        assert proc.poll() is None and not cell_done(held.cell)
+    finally:
+        lock.release()
+    assert proc.wait(timeout=600) == 0, _stderr(proc)[-2000:]
+    cells = _cells(out)
+    assert set(cells["status"]) == {"ok"} and len(cells) == 4  # the held cell too, once it was free
 
 
 @pytest.mark.parametrize("extra, message", [

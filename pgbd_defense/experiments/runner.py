@@ -9,6 +9,11 @@ Cells are safe to run in parallel, from one launch or several at once:
 - A cell runs under its lock. A finished cell (its ``cell.json`` matching its settings,
   written after its results) is read, never rerun, so a second launch of the same grid
   reuses the first's cells.
+- The serial and local executors do not wait on a lock another process holds: they put
+  that cell back at the end of their queue and take the next, coming back to it when
+  nothing else is left (every ``LOCK_POLL_SECONDS``). Two launches of one grid therefore
+  split its cells between them instead of advancing in lockstep, one cell behind the other.
+  A SLURM task is one cell, so it waits.
 - The locks are ``filelock`` locks (``flock`` on a local file system): the kernel releases
   them when their process dies, even by SIGKILL, so a lock never goes stale. A killed
   worker's cell has no ``cell.json``: the next launch redoes it (from the cell's last
@@ -21,6 +26,7 @@ jobs go to a process pool or to submitit.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -96,32 +102,58 @@ def job_row(job: CellJob, **fields) -> Dict[str, Any]:
             "record": str(job.cell.record), **fields}
 
 
-def execute(job: CellJob, device: str = "cpu", threads: Optional[int] = None) -> Dict[str, Any]:
+# How often a launch retries a cell whose lock another process holds, once it has nothing else to do.
+LOCK_POLL_SECONDS = 2.0
+
+# The status of a row whose cell (or record) another process holds: never a final row.
+DEFERRED = "deferred"
+
+
+class _Busy(Exception):
+    """A lock another process holds, met by a job told not to wait."""
+
+
+def _hold(lock: filelock.FileLock, wait: bool):
+    """``lock`` acquired (a context manager): waiting for it, or raising _Busy when it is held."""
+    try:
+        return lock.acquire(timeout=-1 if wait else 0)
+    except filelock.Timeout:
+        raise _Busy(lock.lock_file) from None
+
+
+def execute(job: CellJob, device: str = "cpu", threads: Optional[int] = None, wait: bool = True) -> Dict[str, Any]:
     """Make or read the record, draw or read the clean subset, run or read the cell; a
     failure anywhere is the row's status, never an exception (one cell must not stop a grid).
-    ``threads``: torch's threads for this cell (restored after)."""
+    ``threads``: torch's threads for this cell (restored after). ``wait=False``: a record or
+    cell another process holds is not waited for; the row's status is then DEFERRED and
+    nothing was done (the caller runs the job again later)."""
     with torch_threads(threads):
-        return _execute(job, device)
+        try:
+            return _execute(job, device, wait)
+        except _Busy:
+            return job_row(job, status=DEFERRED)
 
 
-def _execute(job: CellJob, device: str) -> Dict[str, Any]:
+def _execute(job: CellJob, device: str, wait: bool = True) -> Dict[str, Any]:
     row = job_row(job)
     try:
         if job.attack is not None and not (Path(job.cell.record) / "attack_result.pt").is_file():
             started = time.time()
-            with record_lock(job.cell.record):
+            with _hold(record_lock(job.cell.record), wait):
                 made = not (Path(job.cell.record) / "attack_result.pt").is_file()
                 ensure_record(job.attack, Path(job.cell.record).parent, job.data_root, device)
             if made:
                 row["record_seconds"] = round(time.time() - started, 1)
         if job.index is not None:
             ratio, seed = job.index
-            with record_lock(job.cell.record):
+            with _hold(record_lock(job.cell.record), wait):
                 shared_index(job.cell.record, ratio, seed, job.data_root)
+    except _Busy:
+        raise
     except Exception as e:  # a missing data set or a broken attack fails its cells, not the grid
         log.error("%s: cannot make the record: %s", job.cell.record, e)
         return {**row, "status": "failed", "error": f"no record: {type(e).__name__}: {e}"}
-    with cell_lock(job.cell):
+    with _hold(cell_lock(job.cell), wait):
         if job.archive and not job.recompute:
             imported, why_not = import_cell(job.cell, read_archive_cached(job.archive))
             if imported:
@@ -284,12 +316,27 @@ def run(jobs: Sequence[CellJob], spec: ExecutorSpec, desc: str = "cells") -> Opt
 
 
 def _serial(jobs, device, desc, threads=None):
-    rows = []
+    """The jobs in order; one whose record or cell another process holds goes to the back of
+    the queue, and a round of the queue in which every job was held waits LOCK_POLL_SECONDS."""
+    rows: List[Optional[Dict[str, Any]]] = [None] * len(jobs)
+    queue = collections.deque(range(len(jobs)))
+    held_in_a_row = 0
     bar = progress(None, total=len(jobs), desc=desc, leave=True)
     with quiet():
-        for job in jobs:
+        while queue:
+            i = queue.popleft()
+            job = jobs[i]
             _describe(bar, f"{job.cell.label or job.cell.defense} on {Path(job.cell.record).name}")
-            rows.append(execute(job, device, threads))
+            row = execute(job, device, threads, wait=False)
+            if row["status"] == DEFERRED:
+                queue.append(i)
+                held_in_a_row += 1
+                if held_in_a_row >= len(queue):
+                    time.sleep(LOCK_POLL_SECONDS)
+                    held_in_a_row = 0
+                continue
+            held_in_a_row = 0
+            rows[i] = row
             bar.update(1)
     bar.close()
     return rows
@@ -306,9 +353,13 @@ def _init_worker(devices, threads: int) -> None:
     setup_logging(False)
 
 
-def _execute_in_worker(job: CellJob) -> Dict[str, Any]:
+def _execute_in_worker(job: CellJob, retry: bool = False) -> Dict[str, Any]:
+    """``retry``: the job was held by another process before; wait a little first (a retry is
+    queued behind every fresh job, so the pause holds up only other retries)."""
+    if retry:
+        time.sleep(LOCK_POLL_SECONDS)
     with quiet():
-        return execute(job, _WORKER["device"])
+        return execute(job, _WORKER["device"], wait=False)
 
 
 def _local(jobs, spec: ExecutorSpec, desc, rounds: int = 2):
@@ -347,16 +398,25 @@ def _pool(ctx, jobs, spec, threads, bar, rows, positions) -> List[int]:
     lost: List[int] = []
     with ProcessPoolExecutor(spec.workers, mp_context=ctx, initializer=_init_worker,
                              initargs=(devices, threads)) as pool:
+        job_at = dict(zip(positions, jobs))
         pending = {pool.submit(_execute_in_worker, job): pos for job, pos in zip(jobs, positions)}
         while pending:
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 pos = pending.pop(future)
                 try:
-                    rows[pos] = future.result()
-                    bar.update(1)
+                    row = future.result()
                 except BrokenProcessPool:
                     lost.append(pos)
+                    continue
+                if row["status"] == DEFERRED:  # another process holds it: to the back of the queue
+                    try:
+                        pending[pool.submit(_execute_in_worker, job_at[pos], True)] = pos
+                    except BrokenProcessPool:
+                        lost.append(pos)
+                    continue
+                rows[pos] = row
+                bar.update(1)
             running = min(spec.workers, len(pending))
             failed = sum(1 for r in rows if r is not None and r["status"] == "failed")
             _postfix(bar, done=sum(r is not None for r in rows), running=running, failed=failed,
