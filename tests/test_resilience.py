@@ -122,3 +122,19 @@ def test_kill_during_save_leaves_a_loadable_file(tmp_path, delay):
     saved = torch.load(target, weights_only=False)
     assert saved["version"] >= 1
     assert torch.all(saved["payload"] == float(saved["version"]))
+
+
+def test_an_atomic_write_gets_the_permissions_a_plain_write_gets(tmp_path):
+    # mkstemp makes its file 0600; results written through it must be as readable as any other
+    # file the user writes (a group sharing a record root reads each other's records and cells).
+    from pgbd_defense.util.atomic import atomic_torch_save, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        atomic_write_text(tmp_path / "atomic.txt", "x")
+        atomic_torch_save({"a": 1}, tmp_path / "atomic.pt")
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {"plain.txt": 0o644, "atomic.txt": 0o644, "atomic.pt": 0o644}
