@@ -129,12 +129,45 @@ def test_an_atomic_write_gets_the_permissions_a_plain_write_gets(tmp_path):
     # file the user writes (a group sharing a record root reads each other's records and cells).
     from pgbd_defense.util.atomic import atomic_torch_save, atomic_write_text
 
-    old = os.umask(0o022)
-    try:
-        (tmp_path / "plain.txt").write_text("x")
-        atomic_write_text(tmp_path / "atomic.txt", "x")
-        atomic_torch_save({"a": 1}, tmp_path / "atomic.pt")
-    finally:
-        os.umask(old)
-    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
-    assert modes == {"plain.txt": 0o644, "atomic.txt": 0o644, "atomic.pt": 0o644}
+    for umask, mode in ((0o022, 0o644), (0o027, 0o640), (0o002, 0o664)):
+        folder = tmp_path / oct(umask)
+        folder.mkdir()
+        old = os.umask(umask)
+        try:
+            (folder / "plain.txt").write_text("x")
+            atomic_write_text(folder / "atomic.txt", "x")
+            atomic_torch_save({"a": 1}, folder / "atomic.pt")
+        finally:
+            os.umask(old)
+        modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+        assert modes == {"plain.txt": mode, "atomic.txt": mode, "atomic.pt": mode}, oct(umask)
+
+
+def test_an_atomic_write_that_fails_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    from pgbd_defense.util.atomic import atomic_path
+
+    target = tmp_path / "results.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half written")
+            raise RuntimeError("boom")
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.txt"]
+
+
+def test_an_atomic_write_never_reuses_another_writers_temporary(tmp_path, monkeypatch):
+    # Two processes writing one target each create their own temporary: a name already taken
+    # (another writer's half-written file) is skipped, never truncated.
+    from pgbd_defense.util import atomic
+
+    names = iter(["aaaaaaaaaaaa", "aaaaaaaaaaaa", "bbbbbbbbbbbb"])
+    monkeypatch.setattr(atomic.secrets, "token_hex", lambda n: next(names))
+    target = tmp_path / "cell.json"
+    with atomic.atomic_path(target) as first:
+        first.write_text("writer one")
+        with atomic.atomic_path(target) as second:
+            assert second != first and first.read_text() == "writer one"
+            second.write_text("writer two")
+    assert target.read_text() == "writer one"  # the outer write replaced last
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cell.json"]

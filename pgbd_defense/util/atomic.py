@@ -5,30 +5,39 @@ from __future__ import annotations
 
 import csv
 import os
-import tempfile
+import secrets
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
+_NAME_TRIES = 100
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+
+def _create_beside(target: Path) -> Path:
+    """A new empty file next to ``target`` with the permissions a plain ``open`` gives
+    (0666 less the umask, applied by the kernel). Not ``tempfile.mkstemp``: it makes 0600
+    files, which would hide records and results from the rest of a group sharing a record
+    root, and reading the umask to widen them afterwards needs os.umask's set-and-restore,
+    which races with any thread creating a file in between."""
+    for _ in range(_NAME_TRIES):
+        tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"could not create a temporary file beside {target} after {_NAME_TRIES} names")
 
 
 @contextmanager
 def atomic_path(target) -> Iterator[Path]:
-    """Yield a temporary path; on success it replaces ``target``, on error it is removed.
-    The file gets the permissions a plain ``open`` would give it (mkstemp makes it 0600,
-    which would hide records and results from the rest of a group sharing a record root)."""
+    """Yield a temporary path; on success it replaces ``target``, on error it is removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())
+    tmp = _create_beside(target)
     try:
         yield Path(tmp)
         os.replace(tmp, target)
