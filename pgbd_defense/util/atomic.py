@@ -39,7 +39,7 @@ def atomic_path(target) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _create_beside(target)
     try:
-        yield Path(tmp)
+        yield tmp
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
